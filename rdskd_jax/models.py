@@ -1,0 +1,186 @@
+"""Networks (Flax linen, NHWC): the DAFL/RDSKD generator and the classifier registry.
+
+Classifiers are called as `model.apply(variables, images, train=...)` and return
+`(logits, features)`, the features being the penultimate activations (DAFL's activation
+loss and the diagnostics read them). The registry is open: other pairs (WRN, ResNet)
+register themselves with `register_classifier`.
+"""
+
+from typing import Callable, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_CLASSIFIERS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_classifier(name: str):
+  """Class decorator: makes a classifier constructible by name from a config."""
+  def wrap(cls):
+    _CLASSIFIERS[name] = cls
+    return cls
+  return wrap
+
+
+def known_classifiers():
+  return sorted(_CLASSIFIERS)
+
+
+def create_classifier(name: str, num_classes: int) -> nn.Module:
+  if name not in _CLASSIFIERS:
+    raise ValueError(f'unknown model {name!r}; known models: {", ".join(known_classifiers())}')
+  return _CLASSIFIERS[name](num_classes=num_classes)
+
+
+class _LeNet5Family(nn.Module):
+  """LeNet-5 as in DAFL (input 32x32): three 5x5 convs, two 2x2 max-pools, two dense."""
+  num_classes: int = 10
+  widths: tuple = (6, 16, 120, 84)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # No BatchNorm or dropout: the same function in both modes.
+    c1, c2, c3, hidden = self.widths
+    x = nn.relu(nn.Conv(c1, (5, 5), padding='VALID', name='conv1')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(c2, (5, 5), padding='VALID', name='conv2')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(c3, (5, 5), padding='VALID', name='conv3')(x))
+    x = x.reshape((x.shape[0], -1))
+    features = nn.relu(nn.Dense(hidden, name='fc1')(x))
+    logits = nn.Dense(self.num_classes, name='fc2')(features)
+    return logits, features
+
+
+@register_classifier('lenet5')
+class LeNet5(_LeNet5Family):
+  """LeNet-5 teacher (conv 6, 16, 120; fc 84)."""
+  widths: tuple = (6, 16, 120, 84)
+
+
+@register_classifier('lenet5_half')
+class LeNet5Half(_LeNet5Family):
+  """LeNet-5-half student (conv 3, 8, 60; fc 42)."""
+  widths: tuple = (3, 8, 60, 42)
+
+
+def _subpixel_kernel(kernel):
+  """3x3 kernel on a 2x nearest-upsampled input -> 2x2 kernels on the input, per phase.
+
+  Output pixel (2i+a, 2j+b) of conv3x3(upsample(x)) reads upsampled rows 2i+a-1..2i+a+1,
+  i.e. input rows (i-1, i) with taps (w0, w1+w2) when a=0 and (i, i+1) with taps
+  (w0+w1, w2) when a=1; the same for columns. Returns (2, 2, Cin, 4*Cout), phases in
+  order (a, b) = (0,0), (0,1), (1,0), (1,1) along the output channels.
+  """
+  taps = [jnp.stack([kernel[0], kernel[1] + kernel[2]]),      # phase 0
+          jnp.stack([kernel[0] + kernel[1], kernel[2]])]      # phase 1
+  kernels = []
+  for a in range(2):
+    rows = taps[a]                                            # (2, 3, Cin, Cout)
+    for b in range(2):
+      cols = jnp.swapaxes(rows, 0, 1)                         # (3, 2, Cin, Cout)
+      cols = jnp.stack([cols[0], cols[1] + cols[2]]) if b == 0 else \
+             jnp.stack([cols[0] + cols[1], cols[2]])          # (2, 2, Cin, Cout)
+      kernels.append(jnp.swapaxes(cols, 0, 1))
+  return jnp.concatenate(kernels, axis=-1)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _pad1(x):
+  return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _phase_conv_as_matmul(x, kernel4):
+  """2x2 'VALID' conv of the 1-padded input as patches @ kernel (one large matmul)."""
+  n, h, w, c = x.shape
+  xp = _pad1(x)
+  patches = jnp.concatenate(
+      [xp[:, i:i + h + 1, j:j + w + 1] for i in range(2) for j in range(2)], axis=-1)
+  out = patches.reshape(-1, 4 * c) @ kernel4.reshape(4 * c, -1)
+  return out.reshape(n, h + 1, w + 1, -1)
+
+
+@jax.custom_vjp
+def _phase_conv(x, kernel4):
+  """2x2 'VALID' conv of the 1-padded input: XLA's conv forward, matmul backward.
+
+  Both compute the same function; on CPU, XLA's conv is the faster forward and its
+  gradient for this shape is about 50x slower than that of the matmul form.
+  """
+  return jax.lax.conv_general_dilated(_pad1(x), kernel4, (1, 1), 'VALID',
+                                      dimension_numbers=_NHWC)
+
+
+def _phase_conv_fwd(x, kernel4):
+  return _phase_conv(x, kernel4), (x, kernel4)
+
+
+def _phase_conv_bwd(residuals, cotangent):
+  _, vjp = jax.vjp(_phase_conv_as_matmul, *residuals)
+  return vjp(cotangent)
+
+
+_phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
+
+
+class UpsampleConv(nn.Module):
+  """Nearest 2x upsampling followed by a 3x3 'SAME' conv, with a 3x3 kernel parameter.
+
+  `subpixel=True` computes the same function as four 2x2 convs on the low-resolution
+  input (2.25x fewer multiply-adds, no upsampled tensor), exact up to float rounding;
+  `subpixel=False` is the literal form. Both read the same parameters.
+  """
+  features: int
+  subpixel: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel = kernel.astype(x.dtype)
+    if not self.subpixel:
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
+      return y + bias.astype(y.dtype)
+    n, h, w, _ = x.shape
+    y = _phase_conv(x, _subpixel_kernel(kernel))
+    # y: (n, h+1, w+1, 4*C); phase (a, b) of output pixel (i, j) sits at y[i+a, j+b].
+    y = y.reshape(n, h + 1, w + 1, 2, 2, self.features)
+    rows = [jnp.stack([y[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3)
+            for a in range(2)]                                       # (n, h, w, 2, C)
+    y = jnp.stack(rows, axis=2)                                      # (n, h, 2, w, 2, C)
+    return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(y.dtype)
+
+
+class Generator(nn.Module):
+  """The DAFL generator used by RDSKD, NHWC.
+
+  Dense(latent -> 128*s*s) -> BN -> up x2 -> conv3x3 128 -> BN(eps 0.8) -> LeakyReLU(0.2)
+  -> up x2 -> conv3x3 64 -> BN(eps 0.8) -> LeakyReLU(0.2) -> conv3x3 C -> tanh
+  -> BN without scale and bias; s = image_size / 4. BatchNorm uses batch statistics when
+  `train` (synchronised over `axis_name` under data parallelism) and running statistics
+  otherwise. Momentum 0.9 is PyTorch's default 0.1 in Flax's convention.
+  """
+  image_size: int = 32
+  channels: int = 1
+  subpixel: bool = True
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    s = self.image_size // 4
+    norm = lambda eps, affine=True: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=eps, use_scale=affine,
+        use_bias=affine, axis_name=self.axis_name if train else None)
+    x = nn.Dense(128 * s * s, name='project')(z).reshape(z.shape[0], s, s, 128)
+    x = norm(1e-5)(x)
+    x = UpsampleConv(128, self.subpixel, name='conv1')(x)
+    x = nn.leaky_relu(norm(0.8)(x), 0.2)
+    x = UpsampleConv(64, self.subpixel, name='conv2')(x)
+    x = nn.leaky_relu(norm(0.8)(x), 0.2)
+    x = jnp.tanh(nn.Conv(self.channels, (3, 3), padding='SAME', name='conv3')(x))
+    return norm(1e-5, affine=False)(x)

@@ -1,0 +1,339 @@
+"""The RDSKD pipeline: teacher on real data, generator against the frozen teacher, student
+distilled on generated samples only, both classifiers evaluated on the real test split.
+
+`train_and_evaluate(config, workdir)` is the one entry point of the command line, the tests
+and the notebooks. Each stage resumes from its latest checkpoint in the workdir, and its
+random streams derive from (seed, stage, step), so a resumed run computes what an
+uninterrupted one does.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from rdskd_jax import config_lib, data, losses, models, parallel
+
+_STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3}
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def _local_noise(key, batch_size, latent_dim, axis_name):
+  """This device's slice of the global noise batch, drawn as on one device.
+
+  The global batch is [first half; second half] and L_ds pairs sample i with i + B/2, so
+  device d takes the d-th slice of each half: its local halves are pairs of the global ones.
+  """
+  z = jax.random.normal(key, (batch_size, latent_dim))
+  if axis_name is None:
+    return z
+  n = jax.lax.axis_size(axis_name)
+  i = jax.lax.axis_index(axis_name)
+  half, per = batch_size // 2, batch_size // 2 // n
+  first = jax.lax.dynamic_slice_in_dim(z[:half], i * per, per)
+  second = jax.lax.dynamic_slice_in_dim(z[half:], i * per, per)
+  return jnp.concatenate([first, second])
+
+
+def _apply_gradients(state, grads, tx, axis_name):
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  return dict(state, params=optax.apply_updates(state['params'], updates),
+              opt_state=opt_state, step=state['step'] + 1)
+
+
+def teacher_step(state, frozen, root_key, images, labels, *, model, tx, axis_name):
+  """One Adam step of the teacher on a real batch (cross-entropy)."""
+  del frozen, root_key  # The batch order is the only randomness; it is drawn on the host.
+
+  def loss_fn(params):
+    logits, _ = model.apply({'params': params}, images, train=True)
+    loss = losses.cross_entropy_loss(logits, labels, axis_name=axis_name)
+    return loss, logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  if axis_name is not None:
+    accuracy = jax.lax.pmean(accuracy, axis_name)
+  return _apply_gradients(state, grads, tx, axis_name), {'loss': loss, 'train_accuracy': accuracy}
+
+
+def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_size,
+                   latent_dim, epoch_length, axis_name):
+  """One RDSKD generator step (teacher frozen in inference mode).
+
+  The loss references refresh, after this step's loss is computed, when the step is at
+  index 1 of its epoch, as in the authors' code.
+  """
+  z = _local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
+  generator = generator.clone(axis_name=axis_name)
+  ref_one_hot, ref_entropy = state['loss_refs'][0], state['loss_refs'][1]
+
+  def loss_fn(params):
+    images, updates = generator.apply(
+        {'params': params, 'batch_stats': state['batch_stats']}, z, train=True,
+        mutable=['batch_stats'])
+    teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+    total, aux = losses.rdskd_generator_loss(images, teacher_logits, ref_one_hot,
+                                             ref_entropy, axis_name=axis_name)
+    return total, (aux, updates['batch_stats'])
+
+  (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  refresh = state['step'] % epoch_length == 1
+  new_refs = jnp.where(refresh, jnp.stack([aux['one_hot'], aux['information_entropy']]),
+                       state['loss_refs'])
+  state = _apply_gradients(state, grads, tx, axis_name)
+  state = dict(state, batch_stats=batch_stats, loss_refs=new_refs)
+  return state, dict(aux, total=total)
+
+
+def student_step(state, frozen, root_key, *, generator, teacher, student, tx, batch_size,
+                 latent_dim, temperature, axis_name):
+  """One KD step of the student on fresh samples of the frozen generator."""
+  z = _local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
+  images = generator.apply(frozen['generator'], z, train=False)
+  teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+
+  def loss_fn(params):
+    student_logits, _ = student.apply({'params': params}, images, train=True)
+    return losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  return _apply_gradients(state, grads, tx, axis_name), {'kd': loss}
+
+
+# ------------------------------------------------------------------- run machinery
+
+
+def _optimizer(stage_config, steps):
+  lr = stage_config.learning_rate
+  if stage_config.get('schedule', 'constant') == 'cosine':
+    lr = optax.cosine_decay_schedule(lr, steps)
+  return optax.adam(lr)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """metrics.jsonl: one JSON object per logged step. Lines of a stage past the step it
+  resumes from are dropped, so a resumed run leaves the file an uninterrupted run writes."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+
+  def resume(self, stage: str, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in rows if r['stage'] != stage or r['step'] <= step]
+    if len(keep) != len(rows):
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in keep)
+      os.replace(self.path + '.tmp', self.path)
+
+  def write(self, stage: str, step: int, metrics: Dict[str, float]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'stage': stage, 'step': step, **metrics}) + '\n')
+
+
+class Progress:
+  """A progress line every `every` steps: step, metrics, steps/s and ETA."""
+
+  def __init__(self, stage: str, start: int, total: int):
+    self.stage, self.start, self.total = stage, start, total
+    self.t0 = time.perf_counter()
+
+  def show(self, step: int, metrics: Dict[str, float]) -> None:
+    elapsed = time.perf_counter() - self.t0
+    rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float('nan')
+    parts = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+    print(f'[{self.stage}] step {step}/{self.total} {parts} {rate:.2f} steps/s '
+          f'ETA {eta:.0f}s', file=sys.stderr, flush=True)
+
+
+def _checkpoint_manager(workdir: str, stage: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints', stage),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _restore_like(manager, step, template):
+  restored = manager.restore(step, args=ocp.args.StandardRestore(
+      jax.tree.map(ocp.utils.to_shape_dtype_struct, template)))
+  return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
+
+
+def _run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, log,
+               batches=None):
+  """Runs a stage from its latest checkpoint to `total_steps`; returns (state, seconds).
+
+  `batches(step)`, when given, returns the host batch arrays of a step.
+  """
+  manager = _checkpoint_manager(workdir, stage)
+  start = manager.latest_step() or 0
+  if start:
+    state = _restore_like(manager, start, state)
+  log.resume(stage, start)
+  root_key = jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS[stage])
+  wrapped = par.wrap(step_fn, num_batch_args=0 if batches is None else 2)
+  device_state, device_frozen = par.replicate(state), par.replicate(frozen)
+  progress = Progress(stage, start, total_steps)
+  t0 = time.perf_counter()
+  for step in range(start, total_steps):
+    args = () if batches is None else tuple(par.split_batch(b) for b in batches(step))
+    device_state, metrics = wrapped(device_state, device_frozen, root_key, *args)
+    done = step + 1
+    if done % config.log_every == 0 or done == total_steps:
+      metrics = {k: float(v) for k, v in par.to_host(metrics).items()}
+      log.write(stage, done, metrics)
+      progress.show(done, metrics)
+    if done % config.checkpoint_every == 0 or done == total_steps:
+      manager.save(done, args=ocp.args.StandardSave(par.to_host(device_state)))
+  manager.wait_until_finished()
+  return par.to_host(device_state), time.perf_counter() - t0
+
+
+def evaluate(model, variables, images, labels, batch_size: int) -> float:
+  """Top-1 accuracy of a classifier on (images, labels), in inference mode."""
+  predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)[0], -1))
+  correct = 0
+  for i in range(0, len(images), batch_size):
+    correct += int(jnp.sum(predict(variables, images[i:i + batch_size]) == labels[i:i + batch_size]))
+  return correct / len(images)
+
+
+# ------------------------------------------------------------------------ stages
+
+
+def train_teacher(config, workdir, par, model, log, num_classes, channels):
+  """Teacher on the real train split; returns (variables, seconds trained this run)."""
+  images, labels = data.load_split(config, 'train', config.teacher.max_train_examples)
+  batch = config.teacher.batch_size
+  steps_per_epoch = len(images) // batch
+  total = steps_per_epoch * config.teacher.epochs
+  tx = _optimizer(config.teacher, total)
+  params = model.init(jax.random.key(config.seed),
+                      jnp.zeros((1, config.image_size, config.image_size, channels)))['params']
+  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+
+  def batches(step):  # Epoch e visits the train split in a permutation drawn from (seed, e).
+    epoch, index = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
+    take = order[index * batch:(index + 1) * batch]
+    return images[take], labels[take]
+
+  step_fn = functools.partial(teacher_step, model=model, tx=tx)
+  state, seconds = _run_stage('teacher', config, workdir, par, state, {}, step_fn, total,
+                              log, batches)
+  return {'params': state['params']}, seconds, total
+
+
+def _teacher_variables(config, workdir, par, model, log, num_classes, channels, report):
+  """The frozen teacher: from config.teacher.checkpoint, else trained (or resumed) here."""
+  if config.teacher.checkpoint:
+    path = os.path.abspath(config.teacher.checkpoint)
+    if not os.path.isdir(path):
+      raise config_lib.ConfigError(
+          f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint directory')
+    template = model.init(jax.random.key(0), jnp.zeros(
+        (1, config.image_size, config.image_size, channels)))
+    restored = ocp.StandardCheckpointer().restore(
+        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
+    return restored, {'checkpoint': path, 'seconds': 0.0}
+  variables, seconds, steps = train_teacher(config, workdir, par, model, log, num_classes,
+                                            channels)
+  return variables, {'steps': steps, 'seconds': _total_seconds(report, 'teacher', seconds)}
+
+
+def _total_seconds(report, stage, seconds_this_run):
+  """A stage's training time over all runs of the workdir (resumed runs add theirs)."""
+  return report.get(stage, {}).get('seconds', 0.0) + seconds_this_run
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Runs all stages (resuming any that are done or partly done); returns the report."""
+  par = parallel.DataParallel(config.parallel)
+  config_lib.validate(config, par.num_devices)
+  os.makedirs(workdir, exist_ok=True)
+  report_path = os.path.join(workdir, 'report.json')
+  report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+  num_classes, channels = data.dataset_info(config)
+  log = MetricsLog(workdir)
+  report.update({
+      'dataset': config.dataset, 'preset': config.get('preset', ''), 'devices': par.num_devices,
+      'parallel': config.parallel, 'platform': jax.default_backend(),
+      'jax_version': jax.__version__, 'seed': config.seed, 'config': config.to_dict(),
+  })
+  test_images, test_labels = data.load_split(config, 'test')
+
+  teacher = models.create_classifier(config.teacher.model, num_classes)
+  t0 = time.perf_counter()
+  teacher_vars, teacher_report = _teacher_variables(config, workdir, par, teacher, log,
+                                                    num_classes, channels, report)
+  teacher_report['test_accuracy'] = evaluate(teacher, teacher_vars, test_images, test_labels,
+                                             config.eval_batch_size)
+  report['teacher'] = {**report.get('teacher', {}), **teacher_report}
+  write_json_atomic(report_path, report)
+  print(f'[teacher] test accuracy {teacher_report["test_accuracy"]:.4f} '
+        f'({time.perf_counter() - t0:.0f}s)', file=sys.stderr, flush=True)
+
+  gcfg = config.generator
+  generator = models.Generator(image_size=config.image_size, channels=channels,
+                               subpixel=gcfg.subpixel)
+  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  tx = _optimizer(gcfg, gcfg.steps)
+  state = {'step': jnp.int32(0), 'params': gen_vars['params'],
+           'batch_stats': gen_vars['batch_stats'], 'opt_state': tx.init(gen_vars['params']),
+           'loss_refs': jnp.zeros(2, jnp.float32)}
+  step_fn = functools.partial(generator_step, generator=generator, teacher=teacher, tx=tx,
+                              batch_size=gcfg.batch_size,
+                              latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length)
+  state, seconds = _run_stage('generator', config, workdir, par, state,
+                              {'teacher': teacher_vars}, step_fn, gcfg.steps, log)
+  gen_vars = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  report['generator'] = {'steps': gcfg.steps,
+                         'seconds': _total_seconds(report, 'generator', seconds)}
+  write_json_atomic(report_path, report)
+
+  scfg = config.student
+  student = models.create_classifier(scfg.model, num_classes)
+  params = student.init(jax.random.key(config.seed + 1), jnp.zeros(
+      (1, config.image_size, config.image_size, channels)))['params']
+  tx = _optimizer(scfg, scfg.steps)
+  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+  step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
+                              student=student, tx=tx, batch_size=scfg.batch_size,
+                              latent_dim=gcfg.latent_dim, temperature=scfg.temperature)
+  state, seconds = _run_stage('student', config, workdir, par, state,
+                              {'teacher': teacher_vars, 'generator': gen_vars}, step_fn,
+                              scfg.steps, log)
+  accuracy = evaluate(student, {'params': state['params']}, test_images, test_labels,
+                      config.eval_batch_size)
+  report['student'] = {'steps': scfg.steps, 'test_accuracy': accuracy,
+                       'seconds': _total_seconds(report, 'student', seconds)}
+  write_json_atomic(report_path, report)
+  print(f'[student] test accuracy {accuracy:.4f}', file=sys.stderr, flush=True)
+
+  from rdskd_jax import plots  # Matplotlib only when a run gets this far.
+  plots.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
+                     teacher_vars, gcfg.latent_dim, config,
+                     jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['samples']))
+  return report
