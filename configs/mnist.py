@@ -30,6 +30,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.teacher.epochs = 10             # Passes over the train split.
   c.teacher.learning_rate = 1e-3    # Adam peak learning rate.
   c.teacher.schedule = 'constant'   # 'constant' or 'cosine' (decay to 0 over the stage).
+  c.teacher.max_shift = 0           # Random translation of up to N pixels (augmentation); 0: none.
   c.teacher.max_train_examples = 0  # Use only the first N train examples; 0: the whole split.
 
   c.generator = ml_collections.ConfigDict()

@@ -56,6 +56,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
              'one of ' + ', '.join(models.known_classifiers()))
     _require(config[stage].schedule in ('constant', 'cosine'), f'{stage}.schedule',
              config[stage].schedule, "'constant' or 'cosine'")
+  _require(0 <= config.teacher.max_shift < config.image_size // 2, 'teacher.max_shift',
+           config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
            config.teacher.max_train_examples, '0 (all) or a positive count')
   for stage in ('generator', 'student'):

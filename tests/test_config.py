@@ -1,0 +1,75 @@
+"""Config presets load and validate; bad values and unknown fields are one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import mnist
+from rdskd_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('preset', ['paper', 'cpu', 'smoke'])
+def test_presets_load_and_validate(preset):
+  config = mnist.get_config(preset)
+  config_lib.validate(config)
+  assert config.preset == preset
+
+
+def test_paper_preset_has_the_authors_settings():
+  c = mnist.get_config()
+  assert (c.generator.batch_size, c.generator.steps, c.generator.epoch_length) == (512, 2400, 120)
+  assert (c.generator.learning_rate, c.student.learning_rate) == (1e-3, 2e-3)
+  assert (c.student.batch_size, c.student.steps, c.student.temperature) == (512, 120000, 10.0)
+  assert (c.teacher.model, c.student.model, c.generator.latent_dim) == ('lenet5', 'lenet5_half', 100)
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError, match="unknown preset 'fast'"):
+    mnist.get_config('fast')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('generator.batch_size', 15, 'config.generator.batch_size=15: expected an even number'),
+    ('student.steps', 0, 'config.student.steps=0: expected a positive integer'),
+    ('generator.learning_rate', -1.0, 'config.generator.learning_rate=-1.0: expected a positive'),
+    ('parallel', 'tpu', "config.parallel='tpu': expected 'pmap' or 'shard_map' or 'none'"),
+    ('student.model', 'resnet', "config.student.model='resnet': expected one of lenet5"),
+])
+def test_bad_values_are_named(field, value, message):
+  config = mnist.get_config('smoke')
+  parent, _, name = field.rpartition('.')
+  (config[parent] if parent else config)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
+    config_lib.validate(config)
+
+
+def test_batch_not_divisible_by_devices_names_both_numbers():
+  config = mnist.get_config('smoke')
+  config.generator.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match=r'batch_size=12: .*2 x 8 devices'):
+    config_lib.validate(config, num_devices=8)
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, '-m', 'rdskd_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_unknown_field_is_one_line_error(tmp_path):
+  result = _main('--config=configs/mnist.py:smoke', f'--workdir={tmp_path}',
+                 '--config.generator.bath_size=8')
+  assert result.returncode != 0
+  assert 'bath_size' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_cli_bad_value_is_one_line_error(tmp_path):
+  result = _main('--config=configs/mnist.py:smoke', f'--workdir={tmp_path}',
+                 '--config.student.steps=-3')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == \
+      'error: config.student.steps=-3: expected a positive integer'
+  assert 'Traceback' not in result.stderr

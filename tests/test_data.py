@@ -1,0 +1,71 @@
+"""Offline MNIST preparation (checksums) and the real-data path (shapes, normalisation)."""
+
+import gzip
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from rdskd_jax import data
+
+
+def _wheel_with(path, member_bytes):
+  with zipfile.ZipFile(path, 'w') as wheel:
+    wheel.writestr(data.MNIST_WHEEL_MEMBER, member_bytes)
+  return str(path)
+
+
+def test_real_wheel_passes_the_checksum(mnist_wheel):
+  assert data.sha256_of(data.read_mnist_pickle(mnist_wheel)) == data.MNIST_PICKLE_SHA256
+
+
+def test_corrupted_pickle_is_refused(tmp_path, mnist_wheel):
+  genuine = data.read_mnist_pickle(mnist_wheel)
+  corrupted = genuine[:1000] + bytes([genuine[1000] ^ 1]) + genuine[1001:]
+  with pytest.raises(data.DataError, match='checksum mismatch'):
+    data.read_mnist_pickle(_wheel_with(tmp_path / 'bad.whl', corrupted))
+
+
+def test_wheel_without_the_data_is_refused(tmp_path):
+  path = tmp_path / 'empty.whl'
+  with zipfile.ZipFile(path, 'w') as wheel:
+    wheel.writestr('other.txt', b'')
+  with pytest.raises(data.DataError, match='cannot read'):
+    data.read_mnist_pickle(str(path))
+
+
+def test_rebuilt_idx_files_are_checked(mnist_wheel):
+  files = data.mnist_idx_from_pickle(data.read_mnist_pickle(mnist_wheel))
+  assert {n: data.sha256_of(c) for n, c in files.items()} == data.MNIST_IDX_SHA256
+  tiny = [(np.zeros((2, 784), np.float32), np.zeros(2, np.int64))] * 3
+  with pytest.raises(data.DataError, match='not the expected one'):
+    data.mnist_idx_from_pickle(gzip.compress(pickle.dumps(tiny)))
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+  with pytest.raises(data.DataError, match="unknown dataset 'not_a_dataset'"):
+    data.ensure_prepared('not_a_dataset', str(tmp_path))
+
+
+def test_no_offline_recipe_for_other_datasets(tmp_path):
+  with pytest.raises(data.DataError, match='no offline recipe'):
+    data.prepare_offline('cifar10', str(tmp_path))
+
+
+def test_test_split_shapes_and_normalisation(smoke_config):
+  images, labels = data.load_split(smoke_config, 'test')
+  assert images.shape == (10000, 32, 32, 1) and images.dtype == np.float32
+  assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
+  # The train-split statistics standardise the test split to about mean 0, std 1.
+  assert abs(float(images.mean())) < 0.05
+  assert abs(float(images.std()) - 1.0) < 0.1
+  background = -0.1307 / 0.3081
+  np.testing.assert_allclose(images.min(), background, rtol=1e-5)
+  np.testing.assert_allclose(images[:, 0, 0, 0], background, rtol=1e-5)
+
+
+def test_train_split_can_be_sliced(smoke_config):
+  images, labels = data.load_split(smoke_config, 'train', max_examples=100)
+  assert images.shape == (100, 32, 32, 1) and labels.shape == (100,)

@@ -1,0 +1,62 @@
+"""Model shapes, parameter counts, and the exactness of the sub-pixel generator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rdskd_jax import models
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('name, params', [('lenet5', 61706), ('lenet5_half', 15738)])
+def test_lenet_parameter_counts_and_outputs(name, params):
+  model = models.create_classifier(name, 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  assert _count(variables) == params
+  logits, features = model.apply(variables, jnp.zeros((3, 32, 32, 1)))
+  assert logits.shape == (3, 10)
+  assert features.shape == (3, {'lenet5': 84, 'lenet5_half': 42}[name])
+
+
+def test_unknown_model_names_the_known_ones():
+  with pytest.raises(ValueError, match="unknown model 'lenet7'.*lenet5, lenet5_half"):
+    models.create_classifier('lenet7', 10)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_generator_output_shape_and_modes(channels):
+  generator = models.Generator(image_size=32, channels=channels)
+  variables = generator.init(jax.random.key(0), jnp.zeros((2, 100)))
+  z = jax.random.normal(jax.random.key(1), (4, 100))
+  images, updates = generator.apply(variables, z, train=True, mutable=['batch_stats'])
+  assert images.shape == (4, 32, 32, channels)
+  assert not jax.tree.all(jax.tree.map(jnp.array_equal, updates['batch_stats'],
+                                       variables['batch_stats']))
+  assert generator.apply(variables, z, train=False).shape == (4, 32, 32, channels)
+
+
+def test_subpixel_generator_equals_literal_upsample_conv_in_float64():
+  with jax.enable_x64(True):
+    literal = models.Generator(subpixel=False)
+    fast = models.Generator(subpixel=True)
+    variables = jax.tree.map(lambda x: x.astype(jnp.float64),
+                             literal.init(jax.random.key(0), jnp.zeros((2, 100))))
+    z = jax.random.normal(jax.random.key(1), (6, 100), jnp.float64)
+
+    def objective(module):
+      def f(params):
+        images, _ = module.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                 z, train=True, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(3 * images)), images
+      return jax.value_and_grad(f, has_aux=True)(variables['params'])
+
+    (_, images_a), grads_a = objective(literal)
+    (_, images_b), grads_b = objective(fast)
+    np.testing.assert_allclose(images_a, images_b, rtol=0, atol=1e-10)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_a))
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale)

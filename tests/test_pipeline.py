@@ -1,0 +1,71 @@
+"""End to end on real MNIST: teacher, generator, student, report; resume; the paper preset."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import mnist
+from rdskd_jax import train
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory, mnist_data_dir):
+  config = mnist.get_config('smoke')
+  config.data_dir = mnist_data_dir
+  workdir = str(tmp_path_factory.mktemp('smoke'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_report_records_every_stage(smoke_run):
+  _, workdir, report = smoke_run
+  on_disk = json.load(open(os.path.join(workdir, 'report.json')))
+  assert on_disk == json.loads(json.dumps(report))
+  assert report['dataset'] == 'mnist' and report['devices'] >= 1
+  assert report['parallel'] == 'pmap' and report['preset'] == 'smoke'
+  # 8 steps on 4k real images already beat chance on the real test split by far.
+  assert 0.3 < report['teacher']['test_accuracy'] <= 1.0
+  assert report['teacher']['seconds'] > 0
+  assert report['generator']['steps'] == 6 and report['generator']['seconds'] > 0
+  assert report['student']['steps'] == 6 and 0.0 <= report['student']['test_accuracy'] <= 1.0
+
+
+def test_metrics_and_samples_are_written(smoke_run):
+  config, workdir, _ = smoke_run
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  generator = [r for r in rows if r['stage'] == 'generator']
+  student = [r for r in rows if r['stage'] == 'student']
+  assert [r['step'] for r in generator] == [2, 4, 6]
+  assert [r['step'] for r in student] == [2, 4, 6]
+  for r in generator:
+    assert {'one_hot', 'information_entropy', 'diversity', 'total'} <= set(r)
+    assert all(np.isfinite(v) for k, v in r.items() if k not in ('stage', 'step'))
+    assert -np.log(10) - 1e-5 <= r['information_entropy'] <= 0
+  assert all(np.isfinite(r['kd']) and r['kd'] >= 0 for r in student)
+  assert os.path.getsize(os.path.join(workdir, 'samples.png')) > 1000
+
+
+def test_rerun_resumes_and_changes_nothing(smoke_run):
+  config, workdir, report = smoke_run
+  metrics_before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  again = train.train_and_evaluate(config, workdir)
+  assert again['student']['test_accuracy'] == report['student']['test_accuracy']
+  assert again['teacher']['test_accuracy'] == report['teacher']['test_accuracy']
+  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == metrics_before
+
+
+def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir):
+  """The default preset unchanged but for step counts (and a slice of train data)."""
+  config = mnist.get_config()
+  config.data_dir = mnist_data_dir
+  config.teacher.max_train_examples = 2 * config.teacher.batch_size
+  config.teacher.epochs = 1
+  config.generator.steps = 2
+  config.student.steps = 2
+  config.log_every = 1
+  report = train.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows if r['stage'] == 'generator'] == [1, 2]
+  assert report['config']['generator']['batch_size'] == 512
+  assert report['config']['student']['steps'] == 2
