@@ -16,6 +16,31 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show tracebacks of errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _one_line(error: Exception) -> str:
+  """The root cause of a flag or config error as one readable line."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  text = str(error.args[0]) if error.args else type(error).__name__
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(error, (KeyError, AttributeError)):
+    return f'unknown config field {" ".join(lines)}'
+  return lines[-1]
+
+
+def parse_flags(argv):
+  """absl's parsing, with the config file loaded now: a missing file or an unknown
+  override field is one line on stderr and exit status 2 (--verbose: the traceback)."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.get('dataset')  # Loads the file and applies the overrides now.
+    return rest
+  except Exception as e:  # absl and ml_collections raise several types here.
+    if '--verbose' in argv:
+      raise
+    print(f'error: bad command line: {_one_line(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -32,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

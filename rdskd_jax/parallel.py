@@ -55,8 +55,10 @@ class DataParallel:
           lambda x: np.broadcast_to(np.asarray(x), (self.num_devices,) + np.shape(x)), tree)
       return stacked  # pmap moves each device's copy on the first call and keeps it there.
     if self.mode == 'shard_map':
-      return jax.device_put(tree, NamedSharding(self.mesh, P()))
-    return jax.device_put(tree, self.devices[0])
+      return jax.tree.map(lambda x: jax.device_put(np.array(x), NamedSharding(self.mesh, P())),
+                          tree)
+    # A copy: the wrapped step donates its state, which must not delete the caller's arrays.
+    return jax.tree.map(lambda x: jax.device_put(np.array(x), self.devices[0]), tree)
 
   def split_batch(self, array):
     """A global batch (host array) -> the per-device split a wrapped step expects."""

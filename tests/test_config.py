@@ -62,8 +62,16 @@ def _main(*args):
 def test_cli_unknown_field_is_one_line_error(tmp_path):
   result = _main('--config=configs/mnist.py:smoke', f'--workdir={tmp_path}',
                  '--config.generator.bath_size=8')
-  assert result.returncode != 0
-  assert 'bath_size' in result.stderr and 'Traceback' not in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      'error: bad command line: unknown config field bath_size']
+
+
+def test_cli_missing_config_file_is_one_line_error(tmp_path):
+  result = _main('--config=configs/nope.py', f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert 'No such file or directory' in result.stderr and 'configs/nope.py' in result.stderr
 
 
 def test_cli_bad_value_is_one_line_error(tmp_path):
