@@ -269,19 +269,35 @@ def train_teacher(config, workdir, par, model, log, num_classes, channels):
 
 
 def _teacher_variables(config, workdir, par, model, log, num_classes, channels, report):
-  """The frozen teacher: from config.teacher.checkpoint, else trained (or resumed) here."""
+  """The frozen teacher: from config.teacher.checkpoint, else trained (or resumed) here.
+
+  A trained teacher's variables are also saved alone in `<workdir>/teacher_variables`,
+  the directory another run's `teacher.checkpoint` can point at.
+  """
+  template = model.init(jax.random.key(0), jnp.zeros(
+      (1, config.image_size, config.image_size, channels)))
+  checkpointer = ocp.StandardCheckpointer()
   if config.teacher.checkpoint:
     path = os.path.abspath(config.teacher.checkpoint)
     if not os.path.isdir(path):
       raise config_lib.ConfigError(
-          f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint directory')
-    template = model.init(jax.random.key(0), jnp.zeros(
-        (1, config.image_size, config.image_size, channels)))
-    restored = ocp.StandardCheckpointer().restore(
-        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
-    return restored, {'checkpoint': path, 'seconds': 0.0}
+          f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
+          'directory (expected the teacher_variables directory of an earlier run)')
+    try:
+      restored = checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                         template))
+    except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+      raise config_lib.ConfigError(
+          f'config.teacher.checkpoint={config.teacher.checkpoint!r}: not a readable '
+          f'{config.teacher.model} checkpoint ({type(e).__name__})') from None
+    variables = jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
+    return variables, {'checkpoint': path, 'seconds': 0.0}
   variables, seconds, steps = train_teacher(config, workdir, par, model, log, num_classes,
                                             channels)
+  path = os.path.join(os.path.abspath(workdir), 'teacher_variables')
+  if not os.path.exists(path):
+    checkpointer.save(path, variables)
+    checkpointer.wait_until_finished()
   return variables, {'steps': steps, 'seconds': _total_seconds(report, 'teacher', seconds)}
 
 

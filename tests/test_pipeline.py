@@ -69,3 +69,22 @@ def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir):
   assert [r['step'] for r in rows if r['stage'] == 'generator'] == [1, 2]
   assert report['config']['generator']['batch_size'] == 512
   assert report['config']['student']['steps'] == 2
+
+
+def test_teacher_checkpoint_is_reused_without_training(smoke_run, tmp_path):
+  config, workdir, report = smoke_run
+  config = config.copy_and_resolve_references()
+  config.teacher.checkpoint = os.path.join(workdir, 'teacher_variables')
+  config.generator.steps = 1
+  config.student.steps = 1
+  reused = train.train_and_evaluate(config, str(tmp_path))
+  assert reused['teacher']['test_accuracy'] == report['teacher']['test_accuracy']
+  assert reused['teacher']['checkpoint'] == config.teacher.checkpoint
+  assert not os.path.exists(tmp_path / 'checkpoints' / 'teacher')
+
+
+def test_missing_teacher_checkpoint_is_a_config_error(smoke_config, tmp_path):
+  from rdskd_jax import config_lib
+  smoke_config.teacher.checkpoint = str(tmp_path / 'nowhere')
+  with pytest.raises(config_lib.ConfigError, match='no such checkpoint directory'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'w'))

@@ -1,0 +1,23 @@
+"""Notebooks run top to bottom (smoke preset) through the library, as a user would."""
+
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks')
+
+
+def test_quickstart_runs(mnist_data_dir, monkeypatch):
+  monkeypatch.setenv('RDSKD_DATA_DIR', mnist_data_dir)
+  monkeypatch.setenv('RDSKD_NOTEBOOK_PRESET', 'smoke')
+  path = os.path.join(NOTEBOOKS, 'quickstart.ipynb')
+  notebook = nbformat.read(path, as_version=4)
+  assert all(not c.get('outputs') for c in notebook.cells if c.cell_type == 'code'), \
+      'commit notebooks with outputs stripped'
+  NotebookClient(notebook, timeout=600, kernel_name='python3',
+                 resources={'metadata': {'path': NOTEBOOKS}}).execute()
+  outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert any('image/png' in o.get('data', {}) for o in outputs)
+  assert any('test_accuracy' in o.get('text', '') for o in outputs)
