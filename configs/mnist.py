@@ -52,13 +52,15 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   if preset == 'paper':
     pass
   elif preset == 'cpu':
-    c.teacher.epochs = 4
+    c.teacher.epochs = 5
     c.teacher.schedule = 'cosine'
+    c.teacher.max_shift = 2
     c.generator.batch_size = 256
-    c.generator.steps = 240
+    c.generator.steps = 400
     c.generator.epoch_length = 40
+    c.generator.learning_rate = 2e-3
     c.student.batch_size = 256
-    c.student.steps = 2400
+    c.student.steps = 3000
     c.student.learning_rate = 4e-3
     c.student.schedule = 'cosine'
     c.checkpoint_every = 200
