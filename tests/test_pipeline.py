@@ -29,6 +29,7 @@ def test_report_records_every_stage(smoke_run):
   assert report['teacher']['seconds'] > 0
   assert report['generator']['steps'] == 6 and report['generator']['seconds'] > 0
   assert report['student']['steps'] == 6 and 0.0 <= report['student']['test_accuracy'] <= 1.0
+  assert 0.0 <= report['student']['generated_agreement'] <= 1.0
 
 
 def test_metrics_and_samples_are_written(smoke_run):
