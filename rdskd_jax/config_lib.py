@@ -58,6 +58,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
              config[stage].schedule, "'constant' or 'cosine'")
   _require(0 <= config.teacher.max_shift < config.image_size // 2, 'teacher.max_shift',
            config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')
+  _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
+           '0 (never) or a positive step count')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
            config.teacher.max_train_examples, '0 (all) or a positive count')
   for stage in ('generator', 'student'):

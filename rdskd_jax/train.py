@@ -198,10 +198,13 @@ def _restore_like(manager, step, template):
 
 
 def _run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, log,
-               batches=None):
+               batches=None, report_every=0, report_fn=None):
   """Runs a stage from its latest checkpoint to `total_steps`; returns (state, seconds).
 
-  `batches(step)`, when given, returns the host batch arrays of a step.
+  `batches(step)`, when given, returns the host batch arrays of a step. Every
+  `report_every` steps, `report_fn(host_state)` adds metrics to that step's log line; it
+  is for reporting only: nothing in training reads what it returns. Its time is not
+  counted in the stage's seconds.
   """
   manager = _checkpoint_manager(workdir, stage)
   start = manager.latest_step() or 0
@@ -212,19 +215,24 @@ def _run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps,
   wrapped = par.wrap(step_fn, num_batch_args=0 if batches is None else 2)
   device_state, device_frozen = par.replicate(state), par.replicate(frozen)
   progress = Progress(stage, start, total_steps)
-  t0 = time.perf_counter()
+  t0, reporting_seconds = time.perf_counter(), 0.0
   for step in range(start, total_steps):
     args = () if batches is None else tuple(par.split_batch(b) for b in batches(step))
     device_state, metrics = wrapped(device_state, device_frozen, root_key, *args)
     done = step + 1
-    if done % config.log_every == 0 or done == total_steps:
+    report_now = report_every and done % report_every == 0
+    if done % config.log_every == 0 or done == total_steps or report_now:
       metrics = {k: float(v) for k, v in par.to_host(metrics).items()}
+      if report_now:
+        t_report = time.perf_counter()
+        metrics.update(report_fn(par.to_host(device_state)))
+        reporting_seconds += time.perf_counter() - t_report
       log.write(stage, done, metrics)
       progress.show(done, metrics)
     if done % config.checkpoint_every == 0 or done == total_steps:
       manager.save(done, args=ocp.args.StandardSave(par.to_host(device_state)))
   manager.wait_until_finished()
-  return par.to_host(device_state), time.perf_counter() - t0
+  return par.to_host(device_state), time.perf_counter() - t0 - reporting_seconds
 
 
 def evaluate(model, variables, images, labels, batch_size: int) -> float:
@@ -380,9 +388,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
                               student=student, tx=tx, batch_size=scfg.batch_size,
                               latent_dim=gcfg.latent_dim, temperature=scfg.temperature)
+  test_accuracy_of = lambda host_state: {'test_accuracy': evaluate(
+      student, {'params': host_state['params']}, test_images, test_labels,
+      config.eval_batch_size)}
   state, seconds = _run_stage('student', config, workdir, par, state,
                               {'teacher': teacher_vars, 'generator': gen_vars}, step_fn,
-                              scfg.steps, log)
+                              scfg.steps, log, report_every=scfg.eval_every,
+                              report_fn=test_accuracy_of)
   accuracy = evaluate(student, {'params': state['params']}, test_images, test_labels,
                       config.eval_batch_size)
   agreement = generated_agreement(

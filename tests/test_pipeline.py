@@ -38,12 +38,13 @@ def test_metrics_and_samples_are_written(smoke_run):
   generator = [r for r in rows if r['stage'] == 'generator']
   student = [r for r in rows if r['stage'] == 'student']
   assert [r['step'] for r in generator] == [2, 4, 6]
-  assert [r['step'] for r in student] == [2, 4, 6]
+  assert [r['step'] for r in student] == [2, 3, 4, 6]  # 3: an eval_every row
   for r in generator:
     assert {'one_hot', 'information_entropy', 'diversity', 'total'} <= set(r)
     assert all(np.isfinite(v) for k, v in r.items() if k not in ('stage', 'step'))
     assert -np.log(10) - 1e-5 <= r['information_entropy'] <= 0
   assert all(np.isfinite(r['kd']) and r['kd'] >= 0 for r in student)
+  assert [r['step'] for r in student if 'test_accuracy' in r] == [3, 6]  # eval_every=3
   assert os.path.getsize(os.path.join(workdir, 'samples.png')) > 1000
 
 
