@@ -21,6 +21,7 @@ def row(workdir: str) -> str:
       f"{c['teacher']['epochs']} ep",
       f"{c['generator']['steps']} x {c['generator']['batch_size']}",
       f"{c['student']['steps']} x {c['student']['batch_size']}",
+      f"{c['student']['learning_rate']:g} {c['student']['schedule']}",
       f"{r['teacher']['seconds']:.0f} / {r['generator']['seconds']:.0f} / {r['student']['seconds']:.0f}",
       f"{total / 60:.1f}",
       f"{r['teacher']['test_accuracy']:.4f}",
@@ -30,10 +31,10 @@ def row(workdir: str) -> str:
 
 
 def main(argv):
-  print('| preset | teacher | generator steps x batch | student steps x batch | '
+  print('| preset | teacher | generator steps x batch | student steps x batch | student lr | '
         'seconds (teacher / generator / student) | training minutes | teacher test acc | '
         'student test acc | agreement on generated |')
-  print('|' + '---|' * 9)
+  print('|' + '---|' * 10)
   for workdir in argv[1:]:
     print('| ' + row(workdir) + ' |')
 

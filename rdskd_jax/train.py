@@ -170,7 +170,7 @@ class MetricsLog:
 
 
 class Progress:
-  """A progress line every `every` steps: step, metrics, steps/s and ETA."""
+  """Progress lines on stderr: step, metrics, steps/s and ETA."""
 
   def __init__(self, stage: str, start: int, total: int):
     self.stage, self.start, self.total = stage, start, total
@@ -235,12 +235,17 @@ def _run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps,
   return par.to_host(device_state), time.perf_counter() - t0 - reporting_seconds
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(model, variables, images):
+  return jnp.argmax(model.apply(variables, images, train=False)[0], -1)
+
+
 def evaluate(model, variables, images, labels, batch_size: int) -> float:
   """Top-1 accuracy of a classifier on (images, labels), in inference mode."""
-  predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)[0], -1))
   correct = 0
   for i in range(0, len(images), batch_size):
-    correct += int(jnp.sum(predict(variables, images[i:i + batch_size]) == labels[i:i + batch_size]))
+    predicted = _predict(model, variables, images[i:i + batch_size])
+    correct += int(jnp.sum(predicted == labels[i:i + batch_size]))
   return correct / len(images)
 
 
