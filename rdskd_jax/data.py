@@ -17,7 +17,6 @@ rebuild the four IDX files from it (byte-identical to the official ones, uncompr
 import argparse
 import gzip
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -113,7 +112,6 @@ def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
   uncompressed content; each is stored gzip-compressed under the registered url's cache
   name with a `.INFO` record of the registered size and checksum.
   """
-  import tensorflow_datasets as tfds
   from tensorflow_datasets.core.download import checksums, resource
 
   registered = {info.filename: (url, info)
@@ -133,7 +131,6 @@ def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
     with open(path + '.INFO.tmp', 'w') as f:
       json.dump(record, f, sort_keys=True)
     os.replace(path + '.INFO.tmp', path + '.INFO')
-  del tfds
 
 
 def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> None:

@@ -272,7 +272,7 @@ def generated_agreement(generator, generator_vars, teacher, teacher_vars, studen
 # ------------------------------------------------------------------------ stages
 
 
-def train_teacher(config, workdir, par, model, log, num_classes, channels):
+def train_teacher(config, workdir, par, model, log, channels):
   """Teacher on the real train split; returns (variables, seconds trained this run)."""
   images, labels = data.load_split(config, 'train', config.teacher.max_train_examples)
   batch = config.teacher.batch_size
@@ -301,7 +301,7 @@ def train_teacher(config, workdir, par, model, log, num_classes, channels):
   return {'params': state['params']}, seconds, total
 
 
-def _teacher_variables(config, workdir, par, model, log, num_classes, channels, report):
+def _teacher_variables(config, workdir, par, model, log, channels, report):
   """The frozen teacher: from config.teacher.checkpoint, else trained (or resumed) here.
 
   A trained teacher's variables are also saved alone in `<workdir>/teacher_variables`,
@@ -325,8 +325,7 @@ def _teacher_variables(config, workdir, par, model, log, num_classes, channels, 
           f'{config.teacher.model} checkpoint ({type(e).__name__})') from None
     variables = jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
     return variables, {'checkpoint': path, 'seconds': 0.0}
-  variables, seconds, steps = train_teacher(config, workdir, par, model, log, num_classes,
-                                            channels)
+  variables, seconds, steps = train_teacher(config, workdir, par, model, log, channels)
   path = os.path.join(os.path.abspath(workdir), 'teacher_variables')
   if not os.path.exists(path):
     checkpointer.save(path, variables)
@@ -358,7 +357,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   teacher = models.create_classifier(config.teacher.model, num_classes)
   t0 = time.perf_counter()
   teacher_vars, teacher_report = _teacher_variables(config, workdir, par, teacher, log,
-                                                    num_classes, channels, report)
+                                                    channels, report)
   teacher_report['test_accuracy'] = evaluate(teacher, teacher_vars, test_images, test_labels,
                                              config.eval_batch_size)
   report['teacher'] = {**report.get('teacher', {}), **teacher_report}

@@ -1,7 +1,6 @@
 """Offline MNIST preparation (checksums) and the real-data path (shapes, normalisation)."""
 
 import gzip
-import io
 import pickle
 import zipfile
 
