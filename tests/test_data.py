@@ -68,3 +68,19 @@ def test_test_split_shapes_and_normalisation(smoke_config):
 def test_train_split_can_be_sliced(smoke_config):
   images, labels = data.load_split(smoke_config, 'train', max_examples=100)
   assert images.shape == (100, 32, 32, 1) and labels.shape == (100,)
+
+
+def test_main_path_builds_mnist_offline_without_hanging(tmp_path):
+  """What the main job does on a fresh machine with no route to tfds's download host."""
+  if data._hosts_reachable(['https://storage.googleapis.com/cvdf-datasets/mnist/x']):
+    pytest.skip('this machine can reach the MNIST host: tfds would download instead')
+  data.ensure_prepared('mnist', str(tmp_path))
+  import tensorflow_datasets as tfds
+  assert tfds.builder('mnist', data_dir=str(tmp_path)).is_prepared()
+
+
+def test_dataset_without_recipe_and_no_route_is_a_clear_error(tmp_path):
+  if data._hosts_reachable(['https://www.cs.toronto.edu/x']):
+    pytest.skip('this machine can reach the CIFAR-10 host')
+  with pytest.raises(data.DataError, match=r"'cifar10' is not in .*\(cannot reach www\.cs\.toronto\.edu\)"):
+    data.ensure_prepared('cifar10', str(tmp_path))
