@@ -108,7 +108,7 @@ def _phase_conv(x, kernel4):
   """2x2 'VALID' conv of the 1-padded input: XLA's conv forward, matmul backward.
 
   Both compute the same function; on CPU, XLA's conv is the faster forward and its
-  gradient for this shape is about 50x slower than that of the matmul form.
+  gradient for this shape is about 75x slower than that of the matmul form.
   """
   return jax.lax.conv_general_dilated(_pad1(x), kernel4, (1, 1), 'VALID',
                                       dimension_numbers=_NHWC)

@@ -1,7 +1,6 @@
 """Pictures of a run: the generated-sample grid labelled with the teacher's classes."""
 
 import jax
-
 import matplotlib
 
 matplotlib.use('Agg')
@@ -43,4 +42,3 @@ def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
-

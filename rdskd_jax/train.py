@@ -307,8 +307,6 @@ def _teacher_variables(config, workdir, par, model, log, channels, report):
   A trained teacher's variables are also saved alone in `<workdir>/teacher_variables`,
   the directory another run's `teacher.checkpoint` can point at.
   """
-  template = model.init(jax.random.key(0), jnp.zeros(
-      (1, config.image_size, config.image_size, channels)))
   checkpointer = ocp.StandardCheckpointer()
   if config.teacher.checkpoint:
     path = os.path.abspath(config.teacher.checkpoint)
@@ -316,6 +314,8 @@ def _teacher_variables(config, workdir, par, model, log, channels, report):
       raise config_lib.ConfigError(
           f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
           'directory (expected the teacher_variables directory of an earlier run)')
+    template = model.init(jax.random.key(0), jnp.zeros(
+        (1, config.image_size, config.image_size, channels)))
     try:
       restored = checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                          template))
