@@ -19,6 +19,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.std = (0.3081,)                 # Per-channel normalisation std.
   c.seed = 0                        # Root of every random stream of the run.
   c.parallel = 'pmap'               # 'pmap', 'shard_map' or 'none' (plain jit, one device).
+  c.dtype = 'float32'               # Compute dtype, 'float32' or 'bfloat16' (params, losses f32).
   c.checkpoint_every = 120          # Steps between checkpoints in every stage.
   c.log_every = 20                  # Steps between metrics.jsonl lines and progress lines.
   c.eval_batch_size = 1000          # Batch size of test-set evaluation (no effect on results).

@@ -38,6 +38,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
            'a tfds dataset name')
   _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
            ' or '.join(repr(m) for m in parallel.MODES))
+  _require(config.dtype in ('float32', 'bfloat16'), 'dtype', config.dtype,
+           "'float32' or 'bfloat16'")
   for field in ('image_size', 'checkpoint_every', 'log_every', 'eval_batch_size',
                 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',

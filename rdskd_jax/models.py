@@ -6,7 +6,8 @@ loss and the diagnostics read them). The registry is open: other pairs (WRN, Res
 register themselves with `register_classifier`.
 """
 
-from typing import Callable, Dict, Optional
+import functools
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -27,30 +28,36 @@ def known_classifiers():
   return sorted(_CLASSIFIERS)
 
 
-def create_classifier(name: str, num_classes: int) -> nn.Module:
+def create_classifier(name: str, num_classes: int, dtype: Any = None) -> nn.Module:
+  """A registered classifier computing in `dtype` (None: the dtype of its inputs)."""
   if name not in _CLASSIFIERS:
     raise ValueError(f'unknown model {name!r}; known models: {", ".join(known_classifiers())}')
-  return _CLASSIFIERS[name](num_classes=num_classes)
+  return _CLASSIFIERS[name](num_classes=num_classes, dtype=dtype)
 
 
 class _LeNet5Family(nn.Module):
   """LeNet-5 as in DAFL (input 32x32): three 5x5 convs, two 2x2 max-pools, two dense."""
   num_classes: int = 10
   widths: tuple = (6, 16, 120, 84)
+  # Compute dtype (None: the inputs'). Parameters stay float32; logits and features come
+  # back in the images' dtype, so losses on them keep full precision under bfloat16.
+  dtype: Any = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, images, train: bool = False):
     del train  # No BatchNorm or dropout: the same function in both modes.
     c1, c2, c3, hidden = self.widths
-    x = nn.relu(nn.Conv(c1, (5, 5), padding='VALID', name='conv1')(x))
+    x = images
+    conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding='VALID', dtype=self.dtype)
+    x = nn.relu(conv(c1, name='conv1')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(nn.Conv(c2, (5, 5), padding='VALID', name='conv2')(x))
+    x = nn.relu(conv(c2, name='conv2')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(nn.Conv(c3, (5, 5), padding='VALID', name='conv3')(x))
+    x = nn.relu(conv(c3, name='conv3')(x))
     x = x.reshape((x.shape[0], -1))
-    features = nn.relu(nn.Dense(hidden, name='fc1')(x))
-    logits = nn.Dense(self.num_classes, name='fc2')(features)
-    return logits, features
+    features = nn.relu(nn.Dense(hidden, dtype=self.dtype, name='fc1')(x))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc2')(features)
+    return logits.astype(images.dtype), features.astype(images.dtype)
 
 
 @register_classifier('lenet5')
@@ -131,21 +138,22 @@ class UpsampleConv(nn.Module):
 
   `subpixel=True` computes the same function as four 2x2 convs on the low-resolution
   input (2.25x fewer multiply-adds, no upsampled tensor), exact up to float rounding;
-  `subpixel=False` is the literal form. Both read the same parameters.
+  `subpixel=False` is the literal form. Both read the same parameters. Computes in the
+  input's dtype.
   """
   features: int
   subpixel: bool = True
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     cin = x.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, cin, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
     kernel = kernel.astype(x.dtype)
     if not self.subpixel:
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
-      return y + bias.astype(y.dtype)
+      return self._add_bias(y)
     n, h, w, _ = x.shape
     y = _phase_conv(x, _subpixel_kernel(kernel))
     # y: (n, h+1, w+1, 4*C); phase (a, b) of output pixel (i, j) sits at y[i+a, j+b].
@@ -153,7 +161,13 @@ class UpsampleConv(nn.Module):
     rows = [jnp.stack([y[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3)
             for a in range(2)]                                       # (n, h, w, 2, C)
     y = jnp.stack(rows, axis=2)                                      # (n, h, 2, w, 2, C)
-    return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(y.dtype)
+    return self._add_bias(y.reshape(n, 2 * h, 2 * w, self.features))
+
+  def _add_bias(self, y):
+    if not self.use_bias:
+      return y
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    return y + bias.astype(y.dtype)
 
 
 class NarrowConv3x3(nn.Module):
@@ -185,27 +199,39 @@ class Generator(nn.Module):
   `train` (synchronised over `axis_name` under data parallelism) and running statistics
   otherwise. Momentum 0.9 is PyTorch's default 0.1 in Flax's convention. `subpixel=False`
   computes every conv literally (the reference the fast forms are tested against).
+
+  The two convs followed by a BatchNorm have no bias. The authors' PyTorch generator gives
+  them one, but the BatchNorm subtracts each channel's batch mean, which cancels a
+  per-channel bias exactly: the function is the same with or without it, and its true
+  gradient is zero. In float arithmetic that gradient is rounding noise whose value depends
+  on the summation order (so on the device count), and Adam, which divides by the gradient's
+  running magnitude, turns the noise into lr-sized steps. The bias would then drift
+  differently on 1 and on 8 devices, and with it the running means used at inference.
+
+  `dtype` is the compute dtype (None: the noise's; bfloat16 on accelerators). Parameters
+  and BatchNorm statistics stay float32, and the images come back in the noise's dtype.
   """
   image_size: int = 32
   channels: int = 1
   subpixel: bool = True
   axis_name: Optional[str] = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     s = self.image_size // 4
     norm = lambda eps, affine=True: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=eps, use_scale=affine,
-        use_bias=affine, axis_name=self.axis_name if train else None)
-    x = nn.Dense(128 * s * s, name='project')(z).reshape(z.shape[0], s, s, 128)
-    x = norm(1e-5)(x)
-    x = UpsampleConv(128, self.subpixel, name='conv1')(x)
+        use_bias=affine, axis_name=self.axis_name if train else None, dtype=self.dtype)
+    x = nn.Dense(128 * s * s, dtype=self.dtype, name='project')(z)
+    x = norm(1e-5)(x.reshape(z.shape[0], s, s, 128))
+    x = UpsampleConv(128, self.subpixel, use_bias=False, name='conv1')(x)
     x = nn.leaky_relu(norm(0.8)(x), 0.2)
-    x = UpsampleConv(64, self.subpixel, name='conv2')(x)
+    x = UpsampleConv(64, self.subpixel, use_bias=False, name='conv2')(x)
     x = nn.leaky_relu(norm(0.8)(x), 0.2)
     if self.subpixel:
       x = NarrowConv3x3(self.channels, name='conv3')(x)
     else:
-      x = nn.Conv(self.channels, (3, 3), padding='SAME', name='conv3')(x)
+      x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='conv3')(x)
     x = jnp.tanh(x)
-    return norm(1e-5, affine=False)(x)
+    return norm(1e-5, affine=False)(x).astype(z.dtype)

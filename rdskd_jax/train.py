@@ -301,33 +301,38 @@ def train_teacher(config, workdir, par, model, log, channels):
   return {'params': state['params']}, seconds, total
 
 
+def restore_teacher(config, model, channels: int):
+  """The variables saved at `config.teacher.checkpoint` (a `teacher_variables` directory)."""
+  path = os.path.abspath(config.teacher.checkpoint)
+  if not os.path.isdir(path):
+    raise config_lib.ConfigError(
+        f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
+        'directory (expected the teacher_variables directory of an earlier run)')
+  template = model.init(jax.random.key(0), jnp.zeros(
+      (1, config.image_size, config.image_size, channels)))
+  try:
+    restored = ocp.StandardCheckpointer().restore(
+        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
+  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+    raise config_lib.ConfigError(
+        f'config.teacher.checkpoint={config.teacher.checkpoint!r}: not a readable '
+        f'{config.teacher.model} checkpoint ({type(e).__name__})') from None
+  return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
+
+
 def _teacher_variables(config, workdir, par, model, log, channels, report):
   """The frozen teacher: from config.teacher.checkpoint, else trained (or resumed) here.
 
   A trained teacher's variables are also saved alone in `<workdir>/teacher_variables`,
   the directory another run's `teacher.checkpoint` can point at.
   """
-  checkpointer = ocp.StandardCheckpointer()
   if config.teacher.checkpoint:
-    path = os.path.abspath(config.teacher.checkpoint)
-    if not os.path.isdir(path):
-      raise config_lib.ConfigError(
-          f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
-          'directory (expected the teacher_variables directory of an earlier run)')
-    template = model.init(jax.random.key(0), jnp.zeros(
-        (1, config.image_size, config.image_size, channels)))
-    try:
-      restored = checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                         template))
-    except Exception as e:  # Orbax raises several types for unreadable checkpoints.
-      raise config_lib.ConfigError(
-          f'config.teacher.checkpoint={config.teacher.checkpoint!r}: not a readable '
-          f'{config.teacher.model} checkpoint ({type(e).__name__})') from None
-    variables = jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
-    return variables, {'checkpoint': path, 'seconds': 0.0}
+    variables = restore_teacher(config, model, channels)
+    return variables, {'checkpoint': os.path.abspath(config.teacher.checkpoint), 'seconds': 0.0}
   variables, seconds, steps = train_teacher(config, workdir, par, model, log, channels)
   path = os.path.join(os.path.abspath(workdir), 'teacher_variables')
   if not os.path.exists(path):
+    checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, variables)
     checkpointer.wait_until_finished()
   return variables, {'steps': steps, 'seconds': _total_seconds(report, 'teacher', seconds)}
@@ -336,6 +341,48 @@ def _teacher_variables(config, workdir, par, model, log, channels, report):
 def _total_seconds(report, stage, seconds_this_run):
   """A stage's training time over all runs of the workdir (resumed runs add theirs)."""
   return report.get(stage, {}).get('seconds', 0.0) + seconds_this_run
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_networks(config, num_classes: int, channels: int):
+  """The run's (teacher, generator, student) modules, computing in `config.dtype`."""
+  dtype = DTYPES[config.dtype]
+  teacher = models.create_classifier(config.teacher.model, num_classes, dtype)
+  generator = models.Generator(image_size=config.image_size, channels=channels,
+                               subpixel=config.generator.subpixel, dtype=dtype)
+  student = models.create_classifier(config.student.model, num_classes, dtype)
+  return teacher, generator, student
+
+
+def generator_setup(config, generator, teacher):
+  """The generator's initial train state and its per-device step (teacher frozen)."""
+  gcfg = config.generator
+  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  tx = _optimizer(gcfg, gcfg.steps)
+  state = {'step': jnp.int32(0), 'params': gen_vars['params'],
+           'batch_stats': gen_vars['batch_stats'], 'opt_state': tx.init(gen_vars['params']),
+           'loss_refs': jnp.zeros(2, jnp.float32)}
+  step_fn = functools.partial(generator_step, generator=generator, teacher=teacher, tx=tx,
+                              batch_size=gcfg.batch_size,
+                              latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length)
+  return state, step_fn
+
+
+def student_setup(config, channels: int, generator, teacher, student):
+  """The student's initial train state and its per-device step (generator and teacher
+  frozen)."""
+  scfg = config.student
+  params = student.init(jax.random.key(config.seed + 1), jnp.zeros(
+      (1, config.image_size, config.image_size, channels)))['params']
+  tx = _optimizer(scfg, scfg.steps)
+  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+  step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
+                              student=student, tx=tx, batch_size=scfg.batch_size,
+                              latent_dim=config.generator.latent_dim,
+                              temperature=scfg.temperature)
+  return state, step_fn
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -354,7 +401,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   })
   test_images, test_labels = data.load_split(config, 'test')
 
-  teacher = models.create_classifier(config.teacher.model, num_classes)
+  teacher, generator, student = build_networks(config, num_classes, channels)
   t0 = time.perf_counter()
   teacher_vars, teacher_report = _teacher_variables(config, workdir, par, teacher, log,
                                                     channels, report)
@@ -366,16 +413,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         f'({time.perf_counter() - t0:.0f}s)', file=sys.stderr, flush=True)
 
   gcfg = config.generator
-  generator = models.Generator(image_size=config.image_size, channels=channels,
-                               subpixel=gcfg.subpixel)
-  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
-  tx = _optimizer(gcfg, gcfg.steps)
-  state = {'step': jnp.int32(0), 'params': gen_vars['params'],
-           'batch_stats': gen_vars['batch_stats'], 'opt_state': tx.init(gen_vars['params']),
-           'loss_refs': jnp.zeros(2, jnp.float32)}
-  step_fn = functools.partial(generator_step, generator=generator, teacher=teacher, tx=tx,
-                              batch_size=gcfg.batch_size,
-                              latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length)
+  state, step_fn = generator_setup(config, generator, teacher)
   state, seconds = _run_stage('generator', config, workdir, par, state,
                               {'teacher': teacher_vars}, step_fn, gcfg.steps, log)
   gen_vars = {'params': state['params'], 'batch_stats': state['batch_stats']}
@@ -384,14 +422,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   write_json_atomic(report_path, report)
 
   scfg = config.student
-  student = models.create_classifier(scfg.model, num_classes)
-  params = student.init(jax.random.key(config.seed + 1), jnp.zeros(
-      (1, config.image_size, config.image_size, channels)))['params']
-  tx = _optimizer(scfg, scfg.steps)
-  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
-  step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
-                              student=student, tx=tx, batch_size=scfg.batch_size,
-                              latent_dim=gcfg.latent_dim, temperature=scfg.temperature)
+  state, step_fn = student_setup(config, channels, generator, teacher, student)
   test_accuracy_of = lambda host_state: {'test_accuracy': evaluate(
       student, {'params': host_state['params']}, test_images, test_labels,
       config.eval_batch_size)}

@@ -37,6 +37,7 @@ def test_unknown_preset():
     ('student.steps', 0, 'config.student.steps=0: expected a positive integer'),
     ('generator.learning_rate', -1.0, 'config.generator.learning_rate=-1.0: expected a positive'),
     ('parallel', 'tpu', "config.parallel='tpu': expected 'pmap' or 'shard_map' or 'none'"),
+    ('dtype', 'float16', "config.dtype='float16': expected 'float32' or 'bfloat16'"),
     ('student.model', 'resnet', "config.student.model='resnet': expected one of lenet5"),
 ])
 def test_bad_values_are_named(field, value, message):

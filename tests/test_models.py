@@ -60,3 +60,28 @@ def test_subpixel_generator_equals_literal_upsample_conv_in_float64():
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_a))
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+  """config.dtype='bfloat16': the same function to bf16 rounding, float32 where it matters."""
+  z = jax.random.normal(jax.random.key(1), (8, 100))
+  f32, bf16 = models.Generator(), models.Generator(dtype=jnp.bfloat16)
+  variables = f32.init(jax.random.key(0), z)
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype == jnp.float32,
+                                   variables, bf16.init(jax.random.key(0), z)))
+  images, images_bf16 = (g.apply(variables, z, train=False) for g in (f32, bf16))
+  assert images_bf16.dtype == jnp.float32
+  assert 0 < jnp.linalg.norm(images_bf16 - images) / jnp.linalg.norm(images) < 3e-2
+  teacher, teacher_bf16 = (models.create_classifier('lenet5', 10, d) for d in (None, jnp.bfloat16))
+  teacher_vars = teacher.init(jax.random.key(2), images)
+  (logits, features), (logits_bf16, _) = (t.apply(teacher_vars, images) for t in
+                                          (teacher, teacher_bf16))
+  assert logits_bf16.dtype == features.dtype == jnp.float32
+  assert 0 < jnp.linalg.norm(logits_bf16 - logits) / jnp.linalg.norm(logits) < 3e-2
+
+
+def test_convs_before_batchnorm_have_no_bias():
+  """A bias that the next BatchNorm cancels would only drift (see Generator's docstring)."""
+  variables = models.Generator().init(jax.random.key(0), jnp.zeros((2, 100)))
+  assert set(variables['params']['conv1']) == set(variables['params']['conv2']) == {'kernel'}
+  assert set(variables['params']['conv3']) == {'kernel', 'bias'}
