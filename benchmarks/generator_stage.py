@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rdskd_jax import config_lib, parallel, plots, train
+from rdskd_jax import plots, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -32,8 +32,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   config = _CONFIG.value
-  par = parallel.DataParallel(config.parallel)
-  config_lib.validate(config, par.num_devices)
+  par = train.setup_parallel(config)
   channels = len(config.mean)
   teacher, generator, _ = train.build_networks(config, _NUM_CLASSES.value, channels)
   teacher_vars = train.restore_teacher(config, teacher, channels)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from rdskd_jax import config_lib, parallel, train
+from rdskd_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch of both steps; 0: the config\'s.')
@@ -49,8 +49,7 @@ def main(argv):
   config = _CONFIG.value
   if _BATCH.value:
     config.generator.batch_size = config.student.batch_size = _BATCH.value
-  par = parallel.DataParallel(config.parallel)
-  config_lib.validate(config, par.num_devices)
+  par = train.setup_parallel(config)
   channels = len(config.mean)
   teacher, generator, student = train.build_networks(config, _NUM_CLASSES.value, channels)
   image = jnp.zeros((1, config.image_size, config.image_size, channels))

@@ -19,9 +19,12 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.std = (0.3081,)                 # Per-channel normalisation std.
   c.seed = 0                        # Root of every random stream of the run.
   c.parallel = 'pmap'               # 'pmap', 'shard_map' or 'none' (plain jit, one device).
+  c.num_devices = 0                 # Devices to use (the first N); 0: all, of all processes.
+  c.distributed = False             # jax.distributed.initialize() first (multi-host; see README).
   c.dtype = 'float32'               # Compute dtype, 'float32' or 'bfloat16' (params, losses f32).
   c.checkpoint_every = 120          # Steps between checkpoints in every stage.
   c.log_every = 20                  # Steps between metrics.jsonl lines and progress lines.
+  c.max_bad_steps = 20              # Stop after N consecutive steps with non-finite loss/grads.
   c.eval_batch_size = 1000          # Batch size of test-set evaluation (no effect on results).
 
   c.teacher = ml_collections.ConfigDict()
@@ -50,6 +53,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.student.schedule = 'constant'   # 'constant' or 'cosine' (decay to 0 over the stage).
   c.student.temperature = 10.0      # KD temperature T.
   c.student.eval_every = 0          # Log test accuracy every N steps (reporting only); 0: never.
+  c.student.agreement_samples = 4096  # Generated samples for report's generated_agreement.
 
   if preset == 'paper':
     pass
@@ -79,6 +83,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.student.batch_size = 16
     c.student.steps = 6
     c.student.eval_every = 3
+    c.student.agreement_samples = 256
     c.checkpoint_every = 4
     c.log_every = 2
   else:

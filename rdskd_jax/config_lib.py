@@ -1,5 +1,6 @@
 """Config checks: every bad value is a one-line `ConfigError` naming the field and value."""
 
+import jax
 import ml_collections
 
 from rdskd_jax import models, parallel
@@ -32,18 +33,28 @@ def _get(config, field):
   return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ConfigError on the first value the pipeline cannot run with."""
+def devices_used(config, available_devices: int) -> int:
+  """How many devices a run of `config` uses when `available_devices` exist."""
+  if config.parallel == 'none':
+    return 1
+  return config.num_devices or available_devices
+
+
+def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> None:
+  """Raises ConfigError on the first value the pipeline cannot run with, on a machine (or
+  multi-process run) with `available_devices` devices."""
   _require(isinstance(config.dataset, str) and config.dataset, 'dataset', config.dataset,
            'a tfds dataset name')
   _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
            ' or '.join(repr(m) for m in parallel.MODES))
-  _require(config.dtype in ('float32', 'bfloat16'), 'dtype', config.dtype,
-           "'float32' or 'bfloat16'")
-  for field in ('image_size', 'checkpoint_every', 'log_every', 'eval_batch_size',
+  _require(config.dtype in ('float32', 'bfloat16', 'float64'), 'dtype', config.dtype,
+           "'float32' or 'bfloat16' ('float64' with JAX_ENABLE_X64=1)")
+  _require(config.dtype != 'float64' or jax.config.jax_enable_x64, 'dtype', config.dtype,
+           "'float32' or 'bfloat16': float64 needs JAX_ENABLE_X64=1")
+  for field in ('image_size', 'checkpoint_every', 'max_bad_steps', 'log_every', 'eval_batch_size',
                 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',
-                'student.batch_size', 'student.steps'):
+                'student.batch_size', 'student.steps', 'student.agreement_samples'):
     _positive_int(config, field)
   for field in ('teacher.learning_rate', 'generator.learning_rate',
                 'student.learning_rate', 'student.temperature'):
@@ -60,6 +71,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
              config[stage].schedule, "'constant' or 'cosine'")
   _require(0 <= config.teacher.max_shift < config.image_size // 2, 'teacher.max_shift',
            config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')
+  _require(isinstance(config.num_devices, int) and config.num_devices >= 0, 'num_devices',
+           config.num_devices, '0 (all devices) or a positive device count')
+  _require(config.num_devices <= available_devices, 'num_devices', config.num_devices,
+           f'at most the {available_devices} devices there are')
+  num_devices = devices_used(config, available_devices)
   _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
            '0 (never) or a positive step count')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',

@@ -211,13 +211,20 @@ def normalize(images_uint8: np.ndarray, config) -> np.ndarray:
   return (x - mean) / std
 
 
-def load_split(config, split: str, max_examples: int = 0):
-  """(images float32 NHWC normalised, labels int32) of a whole split, in tfds order."""
+def load_split(config, split: str, max_examples: int = 0, per_process: bool = False):
+  """(images float32 NHWC normalised, labels int32) of a whole split, in tfds order.
+
+  `per_process`: in a multi-process run, only this process's share of the split
+  (`tfds.split_for_jax_process`); evaluation sums the shares' counts.
+  """
+  import jax
   import tensorflow_datasets as tfds
   data_dir = config.data_dir or default_data_dir()
   ensure_prepared(config.dataset, data_dir)
   if max_examples:
     split = f'{split}[:{max_examples}]'
+  if per_process and jax.process_count() > 1:
+    split = tfds.split_for_jax_process(split)
   ds = tfds.load(config.dataset, split=split, data_dir=data_dir, as_supervised=True,
                  batch_size=-1, download=False)
   images, labels = tfds.as_numpy(ds)

@@ -1,8 +1,9 @@
 """Command line: python -m rdskd_jax.main --config=configs/mnist.py[:preset] --workdir=DIR
 
 Parses flags and calls `rdskd_jax.train.train_and_evaluate`, the function that tests and
-notebooks call too. Bad input ends with one line on stderr and exit status 2; --verbose
-shows the traceback instead.
+notebooks call too. Bad input ends with one line on stderr and exit status 2; a run stopped
+by non-finite losses with exit status 3; SIGTERM checkpoints and exits with status 143 (run
+the same command to resume). --verbose shows the traceback instead.
 """
 
 import sys
@@ -13,6 +14,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally :preset.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and report.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show tracebacks of errors.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'Delete a run of another config found in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -48,12 +51,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   from rdskd_jax import config_lib, data, train  # After flags: importing jax is slow.
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, data.DataError) as e:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  except (config_lib.ConfigError, data.DataError, train.RunStopped) as e:
     if _VERBOSE.value:
       raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    preempted = isinstance(e, train.Preempted)
+    print(f'{"stopped" if preempted else "error"}: {e}', file=sys.stderr)
+    sys.exit(143 if preempted else 3 if isinstance(e, train.RunStopped) else 2)
 
 
 if __name__ == '__main__':

@@ -222,7 +222,8 @@ class Generator(nn.Module):
     s = self.image_size // 4
     norm = lambda eps, affine=True: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=eps, use_scale=affine,
-        use_bias=affine, axis_name=self.axis_name if train else None, dtype=self.dtype)
+        use_bias=affine, axis_name=self.axis_name if train else None, dtype=self.dtype,
+        use_fast_variance=False)
     x = nn.Dense(128 * s * s, dtype=self.dtype, name='project')(z)
     x = norm(1e-5)(x.reshape(z.shape[0], s, s, 128))
     x = UpsampleConv(128, self.subpixel, use_bias=False, name='conv1')(x)

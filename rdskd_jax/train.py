@@ -10,7 +10,10 @@ uninterrupted one does.
 import functools
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Dict
 
@@ -19,8 +22,43 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from rdskd_jax import config_lib, data, losses, models, parallel
+
+class RunStopped(Exception):
+  """A run that stopped before its end on purpose; the message says why and what next."""
+
+
+class NonFiniteError(RunStopped):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preempted(RunStopped):
+  """SIGTERM arrived; the state of the last finished step is checkpointed."""
+
+
+class _SigtermFlag:
+  """Within `with`, SIGTERM sets `.raised` instead of killing the process (main thread
+  only; elsewhere, as in some notebook kernels, SIGTERM keeps its usual effect)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
 
 _STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4}
 
@@ -45,12 +83,38 @@ def _local_noise(key, batch_size, latent_dim, axis_name):
   return jnp.concatenate([first, second])
 
 
-def _apply_gradients(state, grads, tx, axis_name):
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
+  """One Adam step, with `new_parts` (BatchNorm statistics, loss references) replacing
+  their state entries; skipped when the loss or any gradient is not finite.
+
+  A skipped step keeps the whole state but advances the step (its keys and noise are
+  spent) and counts itself in `nonfinite`: `total` skipped steps and the current
+  `streak` of consecutive ones, which the stage runner checks when it logs. Gradients are
+  averaged over devices first, so every device takes the same decision, without a host
+  round trip.
+  """
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  return dict(state, params=optax.apply_updates(state['params'], updates),
-              opt_state=opt_state, step=state['step'] + 1)
+  updated = dict(state, params=optax.apply_updates(state['params'], updates),
+                 opt_state=opt_state, **new_parts)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  bad = state['nonfinite']
+  return dict(kept, step=state['step'] + 1, nonfinite={
+      'total': bad['total'] + jnp.where(finite, 0, 1).astype(jnp.int32),
+      'streak': jnp.where(finite, 0, bad['streak'] + 1).astype(jnp.int32)})
+
+
+def new_train_state(params, tx, **extra):
+  """A stage's train state at step 0: parameters, optimizer state, the skipped-step
+  counters, and `extra` entries (BatchNorm statistics, loss references)."""
+  return {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params),
+          'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}, **extra}
 
 
 def random_shift(rng: np.random.Generator, images, max_shift: int, fill):
@@ -82,7 +146,8 @@ def teacher_step(state, frozen, root_key, images, labels, *, model, tx, axis_nam
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   if axis_name is not None:
     accuracy = jax.lax.pmean(accuracy, axis_name)
-  return _apply_gradients(state, grads, tx, axis_name), {'loss': loss, 'train_accuracy': accuracy}
+  return (_apply_gradients(state, grads, tx, axis_name, loss),
+          {'loss': loss, 'train_accuracy': accuracy})
 
 
 def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_size,
@@ -108,9 +173,9 @@ def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_siz
   (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   refresh = state['step'] % epoch_length == 1
   new_refs = jnp.where(refresh, jnp.stack([aux['one_hot'], aux['information_entropy']]),
-                       state['loss_refs'])
-  state = _apply_gradients(state, grads, tx, axis_name)
-  state = dict(state, batch_stats=batch_stats, loss_refs=new_refs)
+                       state['loss_refs']).astype(state['loss_refs'].dtype)
+  state = _apply_gradients(state, grads, tx, axis_name, total, batch_stats=batch_stats,
+                           loss_refs=new_refs)
   return state, dict(aux, total=total)
 
 
@@ -126,7 +191,7 @@ def student_step(state, frozen, root_key, *, generator, teacher, student, tx, ba
     return losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-  return _apply_gradients(state, grads, tx, axis_name), {'kd': loss}
+  return _apply_gradients(state, grads, tx, axis_name, loss), {'kd': loss}
 
 
 # ------------------------------------------------------------------- run machinery
@@ -140,6 +205,9 @@ def _optimizer(stage_config, steps):
 
 
 def write_json_atomic(path: str, obj) -> None:
+  """Writes `obj` as JSON to `path` through a temporary file (process 0 only)."""
+  if not parallel.is_main_process():
+    return
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -154,7 +222,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, 'metrics.jsonl')
 
   def resume(self, stage: str, step: int) -> None:
-    if not os.path.exists(self.path):
+    if not parallel.is_main_process() or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
@@ -165,6 +233,8 @@ class MetricsLog:
       os.replace(self.path + '.tmp', self.path)
 
   def write(self, stage: str, step: int, metrics: Dict[str, float]) -> None:
+    if not parallel.is_main_process():
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps({'stage': stage, 'step': step, **metrics}) + '\n')
 
@@ -177,6 +247,8 @@ class Progress:
     self.t0 = time.perf_counter()
 
   def show(self, step: int, metrics: Dict[str, float]) -> None:
+    if not parallel.is_main_process():
+      return
     elapsed = time.perf_counter() - self.t0
     rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
     eta = (self.total - step) / rate if rate > 0 else float('nan')
@@ -216,21 +288,35 @@ def _run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps,
   device_state, device_frozen = par.replicate(state), par.replicate(frozen)
   progress = Progress(stage, start, total_steps)
   t0, reporting_seconds = time.perf_counter(), 0.0
-  for step in range(start, total_steps):
-    args = () if batches is None else tuple(par.split_batch(b) for b in batches(step))
-    device_state, metrics = wrapped(device_state, device_frozen, root_key, *args)
-    done = step + 1
-    report_now = report_every and done % report_every == 0
-    if done % config.log_every == 0 or done == total_steps or report_now:
-      metrics = {k: float(v) for k, v in par.to_host(metrics).items()}
-      if report_now:
-        t_report = time.perf_counter()
-        metrics.update(report_fn(par.to_host(device_state)))
-        reporting_seconds += time.perf_counter() - t_report
-      log.write(stage, done, metrics)
-      progress.show(done, metrics)
-    if done % config.checkpoint_every == 0 or done == total_steps:
-      manager.save(done, args=ocp.args.StandardSave(par.to_host(device_state)))
+  with _SigtermFlag() as sigterm:
+    for step in range(start, total_steps):
+      args = () if batches is None else tuple(par.split_batch(b) for b in batches(step))
+      device_state, metrics = wrapped(device_state, device_frozen, root_key, *args)
+      done = step + 1
+      report_now = report_every and done % report_every == 0
+      if done % config.log_every == 0 or done == total_steps or report_now:
+        metrics = {k: float(v) for k, v in par.to_host(metrics).items()}
+        nonfinite = par.to_host(device_state['nonfinite'])
+        metrics['skipped_steps'] = int(nonfinite['total'])
+        if nonfinite['streak'] >= config.max_bad_steps:
+          last_good = manager.latest_step()
+          raise NonFiniteError(
+              f'{stage}: {int(nonfinite["streak"])} consecutive steps up to step {done} had a '
+              f'non-finite loss or gradient and were skipped (config.max_bad_steps='
+              f'{config.max_bad_steps}); the last checkpoint is step {last_good}. Try a '
+              'lower learning rate.')
+        if report_now:
+          t_report = time.perf_counter()
+          metrics.update(report_fn(par.to_host(device_state)))
+          reporting_seconds += time.perf_counter() - t_report
+        log.write(stage, done, metrics)
+        progress.show(done, metrics)
+      if done % config.checkpoint_every == 0 or done == total_steps or sigterm.raised:
+        manager.save(done, args=ocp.args.StandardSave(par.to_host(device_state)))
+      if sigterm.raised and done < total_steps:
+        manager.wait_until_finished()
+        raise Preempted(f'{stage}: stopped by SIGTERM after step {done}/{total_steps}, which '
+                        'is checkpointed; run the same command again to resume')
   manager.wait_until_finished()
   return par.to_host(device_state), time.perf_counter() - t0 - reporting_seconds
 
@@ -241,12 +327,16 @@ def _predict(model, variables, images):
 
 
 def evaluate(model, variables, images, labels, batch_size: int) -> float:
-  """Top-1 accuracy of a classifier on (images, labels), in inference mode."""
+  """Top-1 accuracy of a classifier in inference mode, on (images, labels) of every
+  process together (each process holds its own share of the split)."""
   correct = 0
   for i in range(0, len(images), batch_size):
     predicted = _predict(model, variables, images[i:i + batch_size])
     correct += int(jnp.sum(predicted == labels[i:i + batch_size]))
-  return correct / len(images)
+  counts = np.array([correct, len(images)], np.int64)
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(counts).sum(axis=0)
+  return int(counts[0]) / int(counts[1])
 
 
 def generated_agreement(generator, generator_vars, teacher, teacher_vars, student,
@@ -264,6 +354,7 @@ def generated_agreement(generator, generator_vars, teacher, teacher_vars, studen
     return jnp.sum(jnp.argmax(t, -1) == jnp.argmax(s, -1))
 
   total = 0
+  batch_size = min(batch_size, num_samples)
   for i in range(num_samples // batch_size):
     total += int(agree(jax.random.normal(jax.random.fold_in(key, i), (batch_size, latent_dim))))
   return total / (num_samples // batch_size * batch_size)
@@ -281,7 +372,7 @@ def train_teacher(config, workdir, par, model, log, channels):
   tx = _optimizer(config.teacher, total)
   params = model.init(jax.random.key(config.seed),
                       jnp.zeros((1, config.image_size, config.image_size, channels)))['params']
-  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+  state = new_train_state(params, tx)
 
   # Shifted-in pixels take the value of a black pixel after normalisation.
   fill = -np.asarray(config.mean, np.float32) / np.asarray(config.std, np.float32)
@@ -331,7 +422,10 @@ def _teacher_variables(config, workdir, par, model, log, channels, report):
     return variables, {'checkpoint': os.path.abspath(config.teacher.checkpoint), 'seconds': 0.0}
   variables, seconds, steps = train_teacher(config, workdir, par, model, log, channels)
   path = os.path.join(os.path.abspath(workdir), 'teacher_variables')
-  if not os.path.exists(path):
+  exists = os.path.exists(path)
+  if jax.process_count() > 1:  # Every process saves (Orbax coordinates), or none does.
+    exists = bool(multihost_utils.broadcast_one_to_all(np.array(exists)))
+  if not exists:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, variables)
     checkpointer.wait_until_finished()
@@ -343,7 +437,26 @@ def _total_seconds(report, stage, seconds_this_run):
   return report.get(stage, {}).get('seconds', 0.0) + seconds_this_run
 
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+def _say(line: str) -> None:
+  if parallel.is_main_process():
+    print(line, file=sys.stderr, flush=True)
+
+
+def setup_parallel(config) -> parallel.DataParallel:
+  """Joins a multi-process run if asked, checks the config against the devices there
+  are, and returns the data-parallel wrapper of `config.parallel`."""
+  parallel.initialize_distributed(config)
+  config_lib.validate(config, jax.device_count())
+  try:
+    return parallel.DataParallel(config.parallel, config.num_devices)
+  except ValueError as e:  # What validate cannot see: a multi-process run's constraints.
+    raise config_lib.ConfigError(f'config.parallel={config.parallel!r}, '
+                                 f'config.num_devices={config.num_devices}: {e}') from None
+
+
+# float64 needs JAX_ENABLE_X64=1; parameters stay float32 (tests use it to separate
+# float32 rounding from real differences).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
 
 
 def build_networks(config, num_classes: int, channels: int):
@@ -361,9 +474,8 @@ def generator_setup(config, generator, teacher):
   gcfg = config.generator
   gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
   tx = _optimizer(gcfg, gcfg.steps)
-  state = {'step': jnp.int32(0), 'params': gen_vars['params'],
-           'batch_stats': gen_vars['batch_stats'], 'opt_state': tx.init(gen_vars['params']),
-           'loss_refs': jnp.zeros(2, jnp.float32)}
+  state = new_train_state(gen_vars['params'], tx, batch_stats=gen_vars['batch_stats'],
+                          loss_refs=jnp.zeros(2, jnp.float32))
   step_fn = functools.partial(generator_step, generator=generator, teacher=teacher, tx=tx,
                               batch_size=gcfg.batch_size,
                               latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length)
@@ -377,7 +489,7 @@ def student_setup(config, channels: int, generator, teacher, student):
   params = student.init(jax.random.key(config.seed + 1), jnp.zeros(
       (1, config.image_size, config.image_size, channels)))['params']
   tx = _optimizer(scfg, scfg.steps)
-  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+  state = new_train_state(params, tx)
   step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
                               student=student, tx=tx, batch_size=scfg.batch_size,
                               latent_dim=config.generator.latent_dim,
@@ -385,21 +497,83 @@ def student_setup(config, channels: int, generator, teacher, student):
   return state, step_fn
 
 
-def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Runs all stages (resuming any that are done or partly done); returns the report."""
-  par = parallel.DataParallel(config.parallel)
-  config_lib.validate(config, par.num_devices)
-  os.makedirs(workdir, exist_ok=True)
+# Fields that change how a run is executed or reported, never what it computes; a
+# workdir may be resumed with other values of these.
+RESUMABLE_FIELDS = ('preset', 'data_dir', 'parallel', 'num_devices', 'distributed',
+                    'checkpoint_every', 'log_every', 'eval_batch_size', 'max_bad_steps',
+                    'student.eval_every')
+_RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json',
+              'samples.png', 'config.json')
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
+  """{field: (saved value, new value)} of the fields that change a run's results."""
+  old, new = _flatten(saved), _flatten(json.loads(json.dumps(config.to_dict())))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)}
+
+
+def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
+  """Creates the workdir, checks that it is writable, and refuses one that holds a run of
+  a different config (`overwrite`: delete that run's files first)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}.{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise config_lib.ConfigError(
+        f'workdir {workdir!r}: cannot write there ({e.strerror or type(e).__name__}); '
+        'choose a directory you can write to') from None
+  saved_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(saved_path):
+    differences = config_differences(json.load(open(saved_path)), config)
+    if differences and not overwrite:
+      listed = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, a, b in
+                         ((k, *v) for k, v in differences.items()))
+      raise config_lib.ConfigError(
+          f'workdir {workdir!r} holds a run of another config ({listed}); use another '
+          'workdir, or --overwrite to delete that run')
+    if differences and parallel.is_main_process():
+      for name in _RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
+  if not os.path.exists(saved_path):
+    write_json_atomic(saved_path, config.to_dict())
+
+
+def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[str, Any]:
+  """Runs all stages (resuming any that are done or partly done); returns the report.
+
+  A workdir that holds a run of a different config is refused unless `overwrite`.
+  """
+  par = setup_parallel(config)
+  prepare_workdir(config, workdir, overwrite)
   report_path = os.path.join(workdir, 'report.json')
   report = json.load(open(report_path)) if os.path.exists(report_path) else {}
   num_classes, channels = data.dataset_info(config)
   log = MetricsLog(workdir)
   report.update({
       'dataset': config.dataset, 'preset': config.get('preset', ''), 'devices': par.num_devices,
+      'processes': jax.process_count(),
       'parallel': config.parallel, 'platform': jax.default_backend(),
       'jax_version': jax.__version__, 'seed': config.seed, 'config': config.to_dict(),
   })
-  test_images, test_labels = data.load_split(config, 'test')
+  test_images, test_labels = data.load_split(config, 'test', per_process=True)
 
   teacher, generator, student = build_networks(config, num_classes, channels)
   t0 = time.perf_counter()
@@ -409,8 +583,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                              config.eval_batch_size)
   report['teacher'] = {**report.get('teacher', {}), **teacher_report}
   write_json_atomic(report_path, report)
-  print(f'[teacher] test accuracy {teacher_report["test_accuracy"]:.4f} '
-        f'({time.perf_counter() - t0:.0f}s)', file=sys.stderr, flush=True)
+  _say(f'[teacher] test accuracy {teacher_report["test_accuracy"]:.4f} '
+      f'({time.perf_counter() - t0:.0f}s)')
 
   gcfg = config.generator
   state, step_fn = generator_setup(config, generator, teacher)
@@ -434,13 +608,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                       config.eval_batch_size)
   agreement = generated_agreement(
       generator, gen_vars, teacher, teacher_vars, student, {'params': state['params']},
-      gcfg.latent_dim, jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['fidelity']))
+      gcfg.latent_dim, jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['fidelity']),
+      num_samples=scfg.agreement_samples)
   report['student'] = {'steps': scfg.steps, 'test_accuracy': accuracy,
                        'generated_agreement': agreement,
                        'seconds': _total_seconds(report, 'student', seconds)}
   write_json_atomic(report_path, report)
-  print(f'[student] test accuracy {accuracy:.4f}', file=sys.stderr, flush=True)
+  _say(f'[student] test accuracy {accuracy:.4f}')
 
+  if not parallel.is_main_process():
+    return report
   from rdskd_jax import plots  # Matplotlib only when a run gets this far.
   plots.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
                      teacher_vars, gcfg.latent_dim, config,

@@ -38,6 +38,7 @@ def test_unknown_preset():
     ('generator.learning_rate', -1.0, 'config.generator.learning_rate=-1.0: expected a positive'),
     ('parallel', 'tpu', "config.parallel='tpu': expected 'pmap' or 'shard_map' or 'none'"),
     ('dtype', 'float16', "config.dtype='float16': expected 'float32' or 'bfloat16'"),
+    ('dtype', 'float64', "config.dtype='float64': expected .* float64 needs JAX_ENABLE_X64=1"),
     ('student.model', 'resnet', "config.student.model='resnet': expected one of lenet5"),
 ])
 def test_bad_values_are_named(field, value, message):
@@ -52,7 +53,17 @@ def test_batch_not_divisible_by_devices_names_both_numbers():
   config = mnist.get_config('smoke')
   config.generator.batch_size = 12
   with pytest.raises(config_lib.ConfigError, match=r'batch_size=12: .*2 x 8 devices'):
-    config_lib.validate(config, num_devices=8)
+    config_lib.validate(config, available_devices=8)
+  config.num_devices = 2  # 12 = 2 x 2 x 3: fine on two of the eight.
+  config_lib.validate(config, available_devices=8)
+
+
+def test_more_devices_than_exist_is_an_error():
+  config = mnist.get_config('smoke')
+  config.num_devices = 16
+  with pytest.raises(config_lib.ConfigError,
+                     match='config.num_devices=16: expected at most the 8 devices there are'):
+    config_lib.validate(config, available_devices=8)
 
 
 def _main(*args):
