@@ -47,12 +47,12 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
            'a tfds dataset name')
   _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
            ' or '.join(repr(m) for m in parallel.MODES))
-  _require(config.dtype in ('float32', 'bfloat16', 'float64'), 'dtype', config.dtype,
+  _require(config.dtype in models.DTYPES, 'dtype', config.dtype,
            "'float32' or 'bfloat16' ('float64' with JAX_ENABLE_X64=1)")
   _require(config.dtype != 'float64' or jax.config.jax_enable_x64, 'dtype', config.dtype,
            "'float32' or 'bfloat16': float64 needs JAX_ENABLE_X64=1")
-  for field in ('image_size', 'checkpoint_every', 'max_bad_steps', 'log_every', 'eval_batch_size',
-                'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
+  for field in ('image_size', 'checkpoint_every', 'max_bad_steps', 'log_every',
+                'eval_batch_size', 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',
                 'student.batch_size', 'student.steps', 'student.agreement_samples'):
     _positive_int(config, field)

@@ -15,6 +15,10 @@ import jax.numpy as jnp
 
 _CLASSIFIERS: Dict[str, Callable[..., nn.Module]] = {}
 
+# config.dtype -> compute dtype. float64 needs JAX_ENABLE_X64=1; parameters stay float32
+# (the tests use it to separate float32 rounding from real differences).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
+
 
 def register_classifier(name: str):
   """Class decorator: makes a classifier constructible by name from a config."""

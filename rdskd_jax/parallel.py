@@ -31,13 +31,13 @@ MODES = ('pmap', 'shard_map', 'none')
 DISTRIBUTED_ENV = 'RDSKD_DISTRIBUTED'
 
 
-def initialize_distributed(config) -> bool:
+def initialize_distributed(config) -> None:
   """Joins the multi-process run when `config.distributed` or $RDSKD_DISTRIBUTED=1 asks.
 
   Must run before anything touches a JAX device. On Cloud TPU (and SLURM, MPI, ...),
   `jax.distributed.initialize()` finds the coordinator and the process ids by itself;
   elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID on every process. Returns whether it joined.
+  JAX_PROCESS_ID on every process.
   """
   wanted = config.get('distributed', False) or os.environ.get(DISTRIBUTED_ENV) == '1'
   if wanted and not jax.distributed.is_initialized():
@@ -45,7 +45,6 @@ def initialize_distributed(config) -> bool:
              (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'))
              if var in os.environ}
     jax.distributed.initialize(**given)
-  return wanted
 
 
 def is_main_process() -> bool:
@@ -141,8 +140,6 @@ class DataParallel:
       return jax.device_get(tree)
 
     def first_copy(x):
-      if not isinstance(x, jax.Array):
-        return np.asarray(x[0])  # A host array replicate() made for pmap.
       shard = np.asarray(x.addressable_shards[0].data)
       # pmap shards may keep their size-1 device axis; replicated shard_map shards are whole.
       return shard[0] if self.mode == 'pmap' and shard.ndim == x.ndim else shard

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from rdskd_jax import config_lib, data, losses, models, parallel
+
 
 class RunStopped(Exception):
   """A run that stopped before its end on purpose; the message says why and what next."""
@@ -454,14 +456,9 @@ def setup_parallel(config) -> parallel.DataParallel:
                                  f'config.num_devices={config.num_devices}: {e}') from None
 
 
-# float64 needs JAX_ENABLE_X64=1; parameters stay float32 (tests use it to separate
-# float32 rounding from real differences).
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
-
-
 def build_networks(config, num_classes: int, channels: int):
   """The run's (teacher, generator, student) modules, computing in `config.dtype`."""
-  dtype = DTYPES[config.dtype]
+  dtype = models.DTYPES[config.dtype]
   teacher = models.create_classifier(config.teacher.model, num_classes, dtype)
   generator = models.Generator(image_size=config.image_size, channels=channels,
                                subpixel=config.generator.subpixel, dtype=dtype)
@@ -506,19 +503,10 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
               'samples.png', 'config.json')
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
-  return out
-
-
 def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   """{field: (saved value, new value)} of the fields that change a run's results."""
-  old, new = _flatten(saved), _flatten(json.loads(json.dumps(config.to_dict())))
+  old = traverse_util.flatten_dict(saved, sep='.')
+  new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)}
 

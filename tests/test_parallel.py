@@ -56,20 +56,16 @@ def _final_state(workdir, stage):
 
 
 def assert_same_run(workdir, reference, loss_rtol, state_rtol, accuracy_atol=3e-4):
-  """`state_rtol`: a number, or {stage: rtol} for the stages whose states are compared."""
-  if not isinstance(state_rtol, dict):
-    state_rtol = dict.fromkeys(STAGES, state_rtol)
-  _assert_same_run(workdir, reference, loss_rtol, state_rtol, accuracy_atol)
-
-
-def _assert_same_run(workdir, reference, loss_rtol, state_rtol, accuracy_atol):
   """Every logged loss within `loss_rtol` relative, and every leaf of every stage's final
   train state (parameters, BatchNorm statistics, Adam moments, loss references, step)
   within `state_rtol` of its norm; in float64 compute also elementwise to 1e-4.
 
+  `state_rtol` is a number, or {stage: rtol} for the stages whose states are compared.
   Accuracies count argmax decisions, and the smoke student (near chance) has many near
   ties among the 10,000 test images: they may differ by `accuracy_atol`.
   """
+  if not isinstance(state_rtol, dict):
+    state_rtol = dict.fromkeys(STAGES, state_rtol)
   got, want = _metrics(workdir), _metrics(reference)
   assert got.keys() == want.keys()
   for key, row in want.items():
