@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rdskd_jax import plots, train
+from rdskd_jax import plot, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -58,7 +58,7 @@ def main(argv):
       'stage_seconds': seconds, 'wall_seconds': wall,
       'last_losses': {k: v for k, v in last.items() if k not in ('stage', 'step')},
       'teacher_class_shares': [round(float(s), 4) for s in shares]}), flush=True)
-  plots.save_samples(os.path.join(_WORKDIR.value, 'samples.png'), generator, gen_vars,
+  plot.save_samples(os.path.join(_WORKDIR.value, 'samples.png'), generator, gen_vars,
                      teacher, teacher_vars, config.generator.latent_dim, config,
                      jax.random.key(1))
 

@@ -4,9 +4,9 @@
 
 Prints one JSON object per line and nothing else on stdout:
 {"step", "batch", "median_seconds", "min_seconds", "devices", "platform", "dtype",
-"parallel", "framework"}. Each repeat is one step of the wrapped (jitted, data-parallel)
-program, timed after compilation and warm-up steps, up to `block_until_ready` of the new
-state and metrics. Networks are freshly initialised (the time does not depend on the
+"parallel", "framework", "dataset", "teacher", "student"}. Each repeat is one step of
+the wrapped (jitted, data-parallel) program, timed after compilation and warm-up steps,
+up to `block_until_ready` of the new state and metrics. Networks are freshly initialised (the time does not depend on the
 weights), so no dataset or teacher checkpoint is needed. Override the dtype or the
 parallel mode through the config: `--config.dtype=bfloat16`, `--config.parallel=none`.
 """
@@ -51,6 +51,10 @@ def main(argv):
     config.generator.batch_size = config.student.batch_size = _BATCH.value
   par = train.setup_parallel(config)
   channels = len(config.mean)
+  if not channels or not config.image_size:
+    raise app.UsageError('benchmarks.steps needs config.mean and config.image_size set (the '
+                         'channels and size of the images); the generic config leaves them '
+                         'to the dataset')
   teacher, generator, student = train.build_networks(config, _NUM_CLASSES.value, channels)
   image = jnp.zeros((1, config.image_size, config.image_size, channels))
   teacher_vars = teacher.init(jax.random.key(1), image)
@@ -71,7 +75,9 @@ def main(argv):
         'step': name, 'batch': config[name].batch_size,
         'median_seconds': statistics.median(seconds), 'min_seconds': min(seconds),
         'devices': par.num_devices, 'platform': jax.default_backend(),
-        'dtype': config.dtype, 'parallel': config.parallel, 'framework': 'jax'}), flush=True)
+        'dtype': config.dtype, 'parallel': config.parallel, 'framework': 'jax',
+        'dataset': config.dataset, 'teacher': config.teacher.model,
+        'student': config.student.model}), flush=True)
 
 
 if __name__ == '__main__':

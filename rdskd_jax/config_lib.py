@@ -6,8 +6,146 @@ import ml_collections
 from rdskd_jax import models, parallel
 
 
+OPTIMIZERS = ('adam', 'sgd')
+SCHEDULES = ('constant', 'cosine', 'step')
+
+
 class ConfigError(ValueError):
   """A config value that cannot run; the message names the field, value and expectation."""
+
+
+def base_config(preset: str) -> ml_collections.ConfigDict:
+  """Every field a run reads, with the paper's MNIST schedule; `configs/*.py` set the
+  dataset, the networks and their presets on top of it."""
+  c = ml_collections.ConfigDict()
+  c.preset = preset                 # Which preset built this config (recorded in report.json).
+  c.dataset = 'mnist'               # tfds name of an image classification dataset.
+  c.data_dir = ''                   # tfds data_dir; empty: TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.image_size = 32                 # Images are resized to image_size^2; 0: the dataset's size.
+  c.mean = (0.1307,)                # Per-channel normalisation mean; (): computed from the
+  c.std = (0.3081,)                 #   train split (cached in the workdir). Per-channel std.
+  c.seed = 0                        # Root of every random stream of the run.
+  c.method = 'rdskd'                # 'rdskd' (generator, then student) or 'dafl' (joint; c.dafl).
+  c.parallel = 'pmap'               # 'pmap', 'shard_map' or 'none' (plain jit, one device).
+  c.num_devices = 0                 # Devices to use (the first N); 0: all, of all processes.
+  c.distributed = False             # jax.distributed.initialize() first (multi-host; see README).
+  c.dtype = 'float32'               # Compute dtype, 'float32' or 'bfloat16' (params, losses f32).
+  c.checkpoint_every = 120          # Steps between checkpoints in every stage.
+  c.log_every = 20                  # Steps between metrics.jsonl lines and progress lines.
+  c.max_bad_steps = 20              # Stop after N consecutive steps with non-finite loss/grads.
+  c.eval_batch_size = 1000          # Batch size of test-set evaluation (no effect on results).
+  c.image_every = 240               # Generator steps between TensorBoard sample grids (and
+                                    #   coverage metrics of 512 samples); 0: never.
+  c.diagnostic_samples = 4096       # Generated samples behind report.json's diagnostics.
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.model = 'lenet5'        # Classifier name in rdskd_jax.models.
+  c.teacher.checkpoint = ''         # Orbax checkpoint of trained teacher variables; empty: train.
+  c.teacher.batch_size = 256        # Real-data batch size (DAFL's teacher-train.py).
+  c.teacher.epochs = 10             # Passes over the train split.
+  c.teacher.optimizer = 'adam'      # 'adam', or 'sgd' (with momentum).
+  c.teacher.learning_rate = 1e-3    # Peak learning rate.
+  c.teacher.momentum = 0.9          # SGD momentum (unused by Adam).
+  c.teacher.weight_decay = 0.0      # L2 coefficient added to the gradient (PyTorch's weight_decay).
+  c.teacher.schedule = 'constant'   # 'constant', 'cosine' (decay to 0 over the stage) or 'step'.
+  c.teacher.decay_epochs = ()       # 'step' schedule: epochs after which lr is multiplied by
+  c.teacher.decay_factor = 0.1      #   decay_factor.
+  c.teacher.max_shift = 0           # Random translation of up to N pixels (augmentation); 0: none.
+  c.teacher.flip = False            # Random horizontal flips (augmentation).
+  c.teacher.max_train_examples = 0  # Use only the first N train examples; 0: the whole split.
+
+  c.generator = ml_collections.ConfigDict()
+  c.generator.latent_dim = 100      # Noise dimension (100 for MNIST, 1000 for SVHN/CIFAR-10).
+  c.generator.batch_size = 512      # Global batch: two halves of batch_size/2 for L_ds.
+  c.generator.steps = 2400          # 20 epochs x 120 steps (the authors' code).
+  c.generator.epoch_length = 120    # The loss references refresh at index 1 of each epoch.
+  c.generator.optimizer = 'adam'
+  c.generator.learning_rate = 1e-3
+  c.generator.momentum = 0.9
+  c.generator.weight_decay = 0.0
+  c.generator.schedule = 'constant'
+  c.generator.decay_epochs = ()     # In units of epoch_length steps.
+  c.generator.decay_factor = 0.1
+  c.generator.subpixel = True       # Exact sub-pixel form of upsample+conv (faster, same function).
+  c.generator.bn_prior_weight = 0.0  # Weight of the BatchNorm-statistics prior (DeepInversion)
+                                    #   in the generator loss; needs a BatchNorm teacher.
+
+  c.student = ml_collections.ConfigDict()
+  c.student.model = 'lenet5_half'   # Classifier name in rdskd_jax.models.
+  c.student.batch_size = 512        # Fresh generated samples per step.
+  c.student.steps = 120000          # 1000 epochs x 120 steps (the authors' code).
+  c.student.epoch_length = 120      # Steps per epoch (the unit of decay_epochs).
+  c.student.optimizer = 'adam'
+  c.student.learning_rate = 2e-3
+  c.student.momentum = 0.9
+  c.student.weight_decay = 0.0
+  c.student.schedule = 'constant'
+  c.student.decay_epochs = ()
+  c.student.decay_factor = 0.1
+  c.student.temperature = 10.0      # KD temperature T.
+  c.student.eval_every = 0          # Log test accuracy every N steps (reporting only); 0: never.
+  c.student.agreement_samples = 4096  # Generated samples for report's generated_agreement.
+
+  # method='dafl' (Chen et al. 2019, DAFL's MNIST settings): generator and student trained
+  # together for dafl.steps steps on one batch; generator.latent_dim, generator.bn_prior_weight,
+  # student.model and student.eval_every still apply.
+  c.dafl = ml_collections.ConfigDict()
+  c.dafl.alpha = 0.1                # Weight of the activation loss L_a.
+  c.dafl.beta = 5.0                 # Weight of the (log10) information entropy loss.
+  c.dafl.generator_learning_rate = 0.2  # Adam.
+  c.dafl.student_learning_rate = 2e-3   # Adam.
+  c.dafl.temperature = 1.0          # DAFL's KD loss has no temperature (T = 1).
+  c.dafl.batch_size = 512
+  c.dafl.steps = 24000              # 200 epochs x 120 steps.
+  return c
+
+
+def smoke_preset(c: ml_collections.ConfigDict) -> None:
+  """Seconds-long settings for tests: a few steps of every stage on small batches."""
+  c.teacher.epochs = 1
+  c.teacher.batch_size = 512
+  c.teacher.max_train_examples = 4096
+  c.generator.batch_size = 16
+  c.generator.steps = 6
+  c.generator.epoch_length = 3
+  c.student.batch_size = 16
+  c.student.steps = 6
+  c.student.eval_every = 3
+  c.student.agreement_samples = 256
+  c.diagnostic_samples = 256
+  c.image_every = 3
+  c.dafl.batch_size = 16
+  c.dafl.steps = 6
+  c.checkpoint_every = 4
+  c.log_every = 2
+
+
+def deep_cpu_preset(c: ml_collections.ConfigDict) -> None:
+  """BatchNorm networks (WRN, ResNet) on a 2-core CPU: small batches and few steps, a run
+  that shows the pipeline working; accuracy needs the paper preset on an accelerator."""
+  c.teacher.epochs = 2
+  c.teacher.max_train_examples = 10000
+  c.generator.batch_size = 64
+  c.generator.steps = 120
+  c.generator.epoch_length = 40
+  c.student.batch_size = 64
+  c.student.steps = 600
+  c.student.epoch_length = 60
+  c.student.eval_every = 200
+  c.image_every = 40
+  c.checkpoint_every = 60
+  c.log_every = 10
+
+
+def deep_smoke_preset(c: ml_collections.ConfigDict) -> None:
+  """Seconds of every stage (the shared smoke settings, with batches a deep net runs
+  quickly on a CPU)."""
+  smoke_preset(c)
+  c.teacher.batch_size = 32
+  c.teacher.max_train_examples = 256
+  c.student.epoch_length = 3
+  c.eval_batch_size = 256
+  c.student.agreement_samples = 64
 
 
 def _require(ok: bool, field: str, value, expected: str):
@@ -45,42 +183,61 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   multi-process run) with `available_devices` devices."""
   _require(isinstance(config.dataset, str) and config.dataset, 'dataset', config.dataset,
            'a tfds dataset name')
+  _require(config.method in ('rdskd', 'dafl'), 'method', config.method, "'rdskd' or 'dafl'")
+  _require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
+           config.generator.bn_prior_weight, 'a weight >= 0')
   _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
            ' or '.join(repr(m) for m in parallel.MODES))
   _require(config.dtype in models.DTYPES, 'dtype', config.dtype,
            "'float32' or 'bfloat16' ('float64' with JAX_ENABLE_X64=1)")
   _require(config.dtype != 'float64' or jax.config.jax_enable_x64, 'dtype', config.dtype,
            "'float32' or 'bfloat16': float64 needs JAX_ENABLE_X64=1")
-  for field in ('image_size', 'checkpoint_every', 'max_bad_steps', 'log_every',
+  _require(isinstance(config.image_size, int) and config.image_size >= 0, 'image_size',
+           config.image_size, "a size in pixels, or 0 (the dataset's)")
+  for field in ('checkpoint_every', 'max_bad_steps', 'log_every',
                 'eval_batch_size', 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',
-                'student.batch_size', 'student.steps', 'student.agreement_samples'):
+                'student.batch_size', 'student.steps', 'student.agreement_samples',
+                'diagnostic_samples', 'dafl.batch_size', 'dafl.steps'):
     _positive_int(config, field)
   for field in ('teacher.learning_rate', 'generator.learning_rate',
-                'student.learning_rate', 'student.temperature'):
+                'student.learning_rate', 'student.temperature', 'student.epoch_length',
+                'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature'):
     _positive_float(config, field)
   _require(config.image_size % 4 == 0, 'image_size', config.image_size,
-           'a multiple of 4 (the generator upsamples twice)')
+           'a multiple of 4 (the generator upsamples twice), or 0')
   _require(len(config.mean) == len(config.std) and all(s > 0 for s in config.std),
-           'std', config.std, 'positive values, one per channel of mean')
+           'std', config.std, 'positive values, one per channel of mean (or both empty)')
   for stage in ('teacher', 'student'):
     model = config[stage].model
     _require(model in models.known_classifiers(), f'{stage}.model', model,
              'one of ' + ', '.join(models.known_classifiers()))
-    _require(config[stage].schedule in ('constant', 'cosine'), f'{stage}.schedule',
-             config[stage].schedule, "'constant' or 'cosine'")
-  _require(0 <= config.teacher.max_shift < config.image_size // 2, 'teacher.max_shift',
+  for stage in ('teacher', 'generator', 'student'):
+    cfg = config[stage]
+    _require(cfg.optimizer in OPTIMIZERS, f'{stage}.optimizer', cfg.optimizer,
+             ' or '.join(map(repr, OPTIMIZERS)))
+    _require(cfg.schedule in SCHEDULES, f'{stage}.schedule', cfg.schedule,
+             ' or '.join(map(repr, SCHEDULES)))
+    _require(all(isinstance(e, int) and e > 0 for e in cfg.decay_epochs) and
+             list(cfg.decay_epochs) == sorted(cfg.decay_epochs), f'{stage}.decay_epochs',
+             cfg.decay_epochs, 'increasing positive epoch numbers')
+    _require(cfg.weight_decay >= 0 and 0 <= cfg.momentum < 1, f'{stage}.weight_decay',
+             (cfg.weight_decay, cfg.momentum), 'weight_decay >= 0 and 0 <= momentum < 1')
+  _require(0 <= config.teacher.max_shift and (config.image_size == 0 or
+           config.teacher.max_shift < config.image_size // 2), 'teacher.max_shift',
            config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')
   _require(isinstance(config.num_devices, int) and config.num_devices >= 0, 'num_devices',
            config.num_devices, '0 (all devices) or a positive device count')
   _require(config.num_devices <= available_devices, 'num_devices', config.num_devices,
            f'at most the {available_devices} devices there are')
   num_devices = devices_used(config, available_devices)
+  _require(config.image_every >= 0, 'image_every', config.image_every,
+           '0 (never) or a positive step count')
   _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
            '0 (never) or a positive step count')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
            config.teacher.max_train_examples, '0 (all) or a positive count')
-  for stage in ('generator', 'student'):
+  for stage in ('generator', 'student', 'dafl'):
     batch = config[stage].batch_size
     _require(batch % 2 == 0, f'{stage}.batch_size', batch,
              'an even number (the diversity loss pairs two halves)')

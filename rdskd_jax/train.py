@@ -15,17 +15,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import flax.linen as nn
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from rdskd_jax import config_lib, data, losses, models, parallel
+from rdskd_jax import config_lib, data, diagnostics, losses, models, parallel
 
 
 class RunStopped(Exception):
@@ -62,7 +63,13 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-_STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4}
+_STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4,
+               'diagnostics': 5, 'dafl': 6}
+
+
+def samples_key(config):
+  """The key of the noise behind samples.png (the same picture on every refresh)."""
+  return jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['samples'])
 
 
 # ---------------------------------------------------------------------------- steps
@@ -93,6 +100,10 @@ def _apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
   """One Adam step, with `new_parts` (BatchNorm statistics, loss references) replacing
   their state entries; skipped when the loss or any gradient is not finite.
 
+  A state with an `lr_scale` entry (a vmapped sweep, where runs differ in learning rate)
+  has a `tx` built with learning rate 1: updates of Adam and SGD are linear in it, and the
+  run's rate multiplies them here.
+
   A skipped step keeps the whole state but advances the step (its keys and noise are
   spent) and counts itself in `nonfinite`: `total` skipped steps and the current
   `streak` of consecutive ones, which the stage runner checks when it logs. Gradients are
@@ -102,6 +113,8 @@ def _apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  if 'lr_scale' in state:  # Sweeps: `tx` has learning rate 1, the state holds the run's.
+    updates = jax.tree.map(lambda u: u * state['lr_scale'].astype(u.dtype), updates)
   updated = dict(state, params=optax.apply_updates(state['params'], updates),
                  opt_state=opt_state, **new_parts)
   finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -117,6 +130,36 @@ def new_train_state(params, tx, **extra):
   counters, and `extra` entries (BatchNorm statistics, loss references)."""
   return {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params),
           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}, **extra}
+
+
+def classifier_init(model, key, image_shape):
+  """(params, other variable collections) of a classifier, e.g. BatchNorm statistics."""
+  variables = model.init(key, jnp.zeros((1, *image_shape)))
+  return variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+
+
+def variables_of(state):
+  """The variables a classifier's train state stands for (params and, where it has
+  BatchNorm, its running statistics)."""
+  return {'params': state['params'],
+          **({'batch_stats': state['batch_stats']} if 'batch_stats' in state else {})}
+
+
+def _train_forward(model, state, params, images):
+  """A classifier in training mode: ((logits, features), state entries it updates)."""
+  if 'batch_stats' not in state:
+    return model.apply({'params': params}, images, train=True), {}
+  out, updates = model.apply({'params': params, 'batch_stats': state['batch_stats']}, images,
+                             train=True, mutable=['batch_stats'])
+  return out, {'batch_stats': updates['batch_stats']}
+
+
+def random_flip(rng: np.random.Generator, images, enabled: bool):
+  """Mirrors each image left-right with probability 1/2."""
+  if not enabled:
+    return images
+  flip = rng.random(len(images)) < 0.5
+  return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
 def random_shift(rng: np.random.Generator, images, max_shift: int, fill):
@@ -136,24 +179,53 @@ def random_shift(rng: np.random.Generator, images, max_shift: int, fill):
 
 
 def teacher_step(state, frozen, root_key, images, labels, *, model, tx, axis_name):
-  """One Adam step of the teacher on a real batch (cross-entropy)."""
+  """One optimizer step of the teacher on a real batch (cross-entropy)."""
   del frozen, root_key  # Batch order and augmentation are drawn on the host.
+  model = model.clone(axis_name=axis_name)
 
   def loss_fn(params):
-    logits, _ = model.apply({'params': params}, images, train=True)
+    (logits, _), new_parts = _train_forward(model, state, params, images)
     loss = losses.cross_entropy_loss(logits, labels, axis_name=axis_name)
-    return loss, logits
+    return loss, (logits, new_parts)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  (loss, (logits, new_parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   if axis_name is not None:
     accuracy = jax.lax.pmean(accuracy, axis_name)
-  return (_apply_gradients(state, grads, tx, axis_name, loss),
+  return (_apply_gradients(state, grads, tx, axis_name, loss, **new_parts),
           {'loss': loss, 'train_accuracy': accuracy})
 
 
+def teacher_forward(teacher, variables, images, *, bn_prior: bool = False, axis_name=None):
+  """The frozen teacher in inference mode: (logits, features, BatchNorm prior).
+
+  With `bn_prior`, each BatchNorm layer's input statistics on `images` (over the global
+  batch under data parallelism) are compared with its running statistics
+  (`losses.bn_statistics_loss`); otherwise the prior is 0.
+  """
+  if not bn_prior:
+    logits, features = teacher.apply(variables, images, train=False)
+    return logits, features, jnp.zeros((), jnp.float32)
+  mean_of = lambda x: losses._global_mean(x, axis_name)
+  captured = []
+
+  def record_batchnorm_inputs(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      x = args[0].astype(jnp.float32)
+      flat = x.reshape(-1, x.shape[-1])
+      mean = mean_of(flat)
+      var = mean_of(jnp.square(flat - mean))  # Two-pass, biased: BatchNorm's variance.
+      stats = context.module.variables['batch_stats']
+      captured.append((mean, var, stats['mean'], stats['var']))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record_batchnorm_inputs):
+    logits, features = teacher.apply(variables, images, train=False)
+  return logits, features, losses.bn_statistics_loss(*zip(*captured))
+
+
 def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_size,
-                   latent_dim, epoch_length, axis_name):
+                   latent_dim, epoch_length, axis_name, bn_prior_weight=0.0):
   """One RDSKD generator step (teacher frozen in inference mode).
 
   The loss references refresh, after this step's loss is computed, when the step is at
@@ -167,9 +239,12 @@ def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_siz
     images, updates = generator.apply(
         {'params': params, 'batch_stats': state['batch_stats']}, z, train=True,
         mutable=['batch_stats'])
-    teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+    teacher_logits, _, bn_prior = teacher_forward(
+        teacher, frozen['teacher'], images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
     total, aux = losses.rdskd_generator_loss(images, teacher_logits, ref_one_hot,
                                              ref_entropy, axis_name=axis_name)
+    if bn_prior_weight > 0:
+      total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
     return total, (aux, updates['batch_stats'])
 
   (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
@@ -187,23 +262,80 @@ def student_step(state, frozen, root_key, *, generator, teacher, student, tx, ba
   z = _local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
   images = generator.apply(frozen['generator'], z, train=False)
   teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+  student = student.clone(axis_name=axis_name)
 
   def loss_fn(params):
-    student_logits, _ = student.apply({'params': params}, images, train=True)
-    return losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
+    (student_logits, _), new_parts = _train_forward(student, state, params, images)
+    loss = losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
+    return loss, new_parts
 
-  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-  return _apply_gradients(state, grads, tx, axis_name, loss), {'kd': loss}
+  (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  return _apply_gradients(state, grads, tx, axis_name, loss, **new_parts), {'kd': loss}
+
+
+def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_generator,
+              tx_student, batch_size, latent_dim, alpha, beta, temperature, axis_name,
+              bn_prior_weight=0.0):
+  """One DAFL step (Chen et al. 2019): generator and student trained together.
+
+  The generator (BatchNorm in training mode) makes a batch; it takes a step on
+  L_oh + alpha L_a + beta L_ie10 (+ the BatchNorm prior) against the frozen teacher, and
+  the student takes a KD step on the same images and teacher logits (no gradient to the
+  generator), as in DAFL's DAFL_train.py.
+  """
+  z = _local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
+  generator = generator.clone(axis_name=axis_name)
+  student = student.clone(axis_name=axis_name)
+  g_state, s_state = state['generator'], state['student']
+
+  def generator_loss(params):
+    images, updates = generator.apply(
+        {'params': params, 'batch_stats': g_state['batch_stats']}, z, train=True,
+        mutable=['batch_stats'])
+    logits, features, bn_prior = teacher_forward(
+        teacher, frozen['teacher'], images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
+    total, aux = losses.dafl_generator_loss(logits, features, alpha, beta, axis_name=axis_name)
+    if bn_prior_weight > 0:
+      total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
+    return total, (aux, updates['batch_stats'], images, logits)
+
+  (g_total, (aux, g_stats, images, teacher_logits)), g_grads = jax.value_and_grad(
+      generator_loss, has_aux=True)(g_state['params'])
+  images, teacher_logits = jax.lax.stop_gradient((images, teacher_logits))
+
+  def student_loss(params):
+    (student_logits, _), new_parts = _train_forward(student, s_state, params, images)
+    return losses.kd_loss(student_logits, teacher_logits, temperature,
+                          axis_name=axis_name), new_parts
+
+  (kd, s_parts), s_grads = jax.value_and_grad(student_loss, has_aux=True)(s_state['params'])
+  g_state = _apply_gradients(g_state, g_grads, tx_generator, axis_name, g_total,
+                             batch_stats=g_stats)
+  s_state = _apply_gradients(s_state, s_grads, tx_student, axis_name, kd, **s_parts)
+  bad_g, bad_s = g_state['nonfinite'], s_state['nonfinite']
+  return ({'step': state['step'] + 1, 'generator': g_state, 'student': s_state,
+           'nonfinite': {'total': bad_g['total'] + bad_s['total'],
+                         'streak': jnp.maximum(bad_g['streak'], bad_s['streak'])}},
+          dict(aux, total=g_total, kd=kd))
 
 
 # ------------------------------------------------------------------- run machinery
 
 
-def _optimizer(stage_config, steps):
-  lr = stage_config.learning_rate
-  if stage_config.get('schedule', 'constant') == 'cosine':
-    lr = optax.cosine_decay_schedule(lr, steps)
-  return optax.adam(lr)
+def _optimizer(cfg, steps: int, steps_per_epoch: int):
+  """The optax optimizer of a stage's config: Adam or SGD with momentum, an optional L2
+  term added to the gradient (PyTorch's weight_decay) and a learning-rate schedule over
+  the stage's `steps` ('step': times decay_factor after each of decay_epochs)."""
+  lr = cfg.learning_rate
+  if cfg.schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(lr, max(steps, 1))
+  elif cfg.schedule == 'step':
+    lr = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs})
+  tx = optax.sgd(lr, momentum=cfg.momentum or None) if cfg.optimizer == 'sgd' else optax.adam(lr)
+  if cfg.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+  return tx
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -217,11 +349,19 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 class MetricsLog:
-  """metrics.jsonl: one JSON object per logged step. Lines of a stage past the step it
-  resumes from are dropped, so a resumed run leaves the file an uninterrupted run writes."""
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard event files in
+  `<workdir>/tensorboard` (through clu's metric writers: scalars as `stage/name`, and
+  images), written by process 0. Lines of a stage past the step it resumes from are
+  dropped from metrics.jsonl, so a resumed run leaves the file an uninterrupted run writes
+  (TensorBoard shows the re-run steps twice)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.writer = None
+    if parallel.is_main_process():
+      from clu import metric_writers
+      self.writer = metric_writers.create_default_writer(
+          os.path.join(os.path.abspath(workdir), 'tensorboard'), asynchronous=False)
 
   def resume(self, stage: str, step: int) -> None:
     if not parallel.is_main_process() or not os.path.exists(self.path):
@@ -239,6 +379,16 @@ class MetricsLog:
       return
     with open(self.path, 'a') as f:
       f.write(json.dumps({'stage': stage, 'step': step, **metrics}) + '\n')
+    self.writer.write_scalars(step, {f'{stage}/{k}': v for k, v in metrics.items()})
+
+  def write_images(self, stage: str, step: int, images: Dict[str, np.ndarray]) -> None:
+    """TensorBoard images, each (H, W, C) in [0, 1]."""
+    if self.writer is not None:
+      self.writer.write_images(step, {f'{stage}/{k}': v[None] for k, v in images.items()})
+
+  def flush(self) -> None:
+    if self.writer is not None:
+      self.writer.flush()
 
 
 class Progress:
@@ -320,6 +470,7 @@ def _run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps,
         raise Preempted(f'{stage}: stopped by SIGTERM after step {done}/{total_steps}, which '
                         'is checkpointed; run the same command again to resume')
   manager.wait_until_finished()
+  log.flush()
   return par.to_host(device_state), time.perf_counter() - t0 - reporting_seconds
 
 
@@ -369,29 +520,34 @@ def train_teacher(config, workdir, par, model, log, channels):
   """Teacher on the real train split; returns (variables, seconds trained this run)."""
   images, labels = data.load_split(config, 'train', config.teacher.max_train_examples)
   batch = config.teacher.batch_size
+  if len(images) < batch:
+    raise config_lib.ConfigError(
+        f'config.teacher.batch_size={batch}: expected at most the {len(images)} train '
+        f'examples of {config.dataset}')
   steps_per_epoch = len(images) // batch
   total = steps_per_epoch * config.teacher.epochs
-  tx = _optimizer(config.teacher, total)
-  params = model.init(jax.random.key(config.seed),
-                      jnp.zeros((1, config.image_size, config.image_size, channels)))['params']
-  state = new_train_state(params, tx)
+  tx = _optimizer(config.teacher, total, steps_per_epoch)
+  params, collections = classifier_init(
+      model, jax.random.key(config.seed), (config.image_size, config.image_size, channels))
+  state = new_train_state(params, tx, **collections)
 
   # Shifted-in pixels take the value of a black pixel after normalisation.
   fill = -np.asarray(config.mean, np.float32) / np.asarray(config.std, np.float32)
 
   def batches(step):
-    """Epoch e visits the split in a permutation drawn from (seed, e); shifts from the step."""
+    """Epoch e visits the split in a permutation drawn from (seed, e); shifts and flips
+    from the step."""
     epoch, index = divmod(step, steps_per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
     take = order[index * batch:(index + 1) * batch]
-    shifted = random_shift(np.random.default_rng([config.seed, epoch, index]), images[take],
-                           config.teacher.max_shift, fill)
-    return shifted, labels[take]
+    rng = np.random.default_rng([config.seed, epoch, index])
+    augmented = random_shift(rng, images[take], config.teacher.max_shift, fill)
+    return random_flip(rng, augmented, config.teacher.flip), labels[take]
 
   step_fn = functools.partial(teacher_step, model=model, tx=tx)
   state, seconds = _run_stage('teacher', config, workdir, par, state, {}, step_fn, total,
                               log, batches)
-  return {'params': state['params']}, seconds, total
+  return variables_of(state), seconds, total
 
 
 def restore_teacher(config, model, channels: int):
@@ -470,12 +626,34 @@ def generator_setup(config, generator, teacher):
   """The generator's initial train state and its per-device step (teacher frozen)."""
   gcfg = config.generator
   gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
-  tx = _optimizer(gcfg, gcfg.steps)
+  tx = _optimizer(gcfg, gcfg.steps, gcfg.epoch_length)
   state = new_train_state(gen_vars['params'], tx, batch_stats=gen_vars['batch_stats'],
                           loss_refs=jnp.zeros(2, jnp.float32))
   step_fn = functools.partial(generator_step, generator=generator, teacher=teacher, tx=tx,
                               batch_size=gcfg.batch_size,
-                              latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length)
+                              latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length,
+                              bn_prior_weight=gcfg.bn_prior_weight)
+  return state, step_fn
+
+
+def dafl_setup(config, channels: int, generator, teacher, student):
+  """DAFL's joint initial state (generator and student train states) and its step."""
+  dcfg, gcfg = config.dafl, config.generator
+  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  tx_generator = optax.adam(dcfg.generator_learning_rate)
+  tx_student = optax.adam(dcfg.student_learning_rate)
+  params, collections = classifier_init(student, jax.random.key(config.seed + 1),
+                                        (config.image_size, config.image_size, channels))
+  state = {'step': jnp.int32(0),
+           'generator': new_train_state(gen_vars['params'], tx_generator,
+                                        batch_stats=gen_vars['batch_stats']),
+           'student': new_train_state(params, tx_student, **collections),
+           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+  step_fn = functools.partial(
+      dafl_step, generator=generator, teacher=teacher, student=student,
+      tx_generator=tx_generator, tx_student=tx_student, batch_size=dcfg.batch_size,
+      latent_dim=gcfg.latent_dim, alpha=dcfg.alpha, beta=dcfg.beta,
+      temperature=dcfg.temperature, bn_prior_weight=gcfg.bn_prior_weight)
   return state, step_fn
 
 
@@ -483,10 +661,10 @@ def student_setup(config, channels: int, generator, teacher, student):
   """The student's initial train state and its per-device step (generator and teacher
   frozen)."""
   scfg = config.student
-  params = student.init(jax.random.key(config.seed + 1), jnp.zeros(
-      (1, config.image_size, config.image_size, channels)))['params']
-  tx = _optimizer(scfg, scfg.steps)
-  state = new_train_state(params, tx)
+  params, collections = classifier_init(student, jax.random.key(config.seed + 1),
+                                        (config.image_size, config.image_size, channels))
+  tx = _optimizer(scfg, scfg.steps, scfg.epoch_length)
+  state = new_train_state(params, tx, **collections)
   step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
                               student=student, tx=tx, batch_size=scfg.batch_size,
                               latent_dim=config.generator.latent_dim,
@@ -498,9 +676,9 @@ def student_setup(config, channels: int, generator, teacher, student):
 # workdir may be resumed with other values of these.
 RESUMABLE_FIELDS = ('preset', 'data_dir', 'parallel', 'num_devices', 'distributed',
                     'checkpoint_every', 'log_every', 'eval_batch_size', 'max_bad_steps',
-                    'student.eval_every')
+                    'student.eval_every', 'image_every', 'diagnostic_samples')
 _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json',
-              'samples.png', 'config.json')
+              'samples.png', 'curves.png', 'config.json', 'normalization.json', 'tensorboard')
 
 
 def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
@@ -551,12 +729,13 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
   """
   par = setup_parallel(config)
   prepare_workdir(config, workdir, overwrite)
+  config, dataset_notes = data.resolve_dataset_fields(config, workdir)
   report_path = os.path.join(workdir, 'report.json')
   report = json.load(open(report_path)) if os.path.exists(report_path) else {}
-  num_classes, channels = data.dataset_info(config)
+  num_classes, channels = dataset_notes['num_classes'], dataset_notes['channels']
   log = MetricsLog(workdir)
   report.update({
-      'dataset': config.dataset, 'preset': config.get('preset', ''), 'devices': par.num_devices,
+      'dataset': config.dataset, 'dataset_fields': dataset_notes, 'preset': config.get('preset', ''), 'devices': par.num_devices,
       'processes': jax.process_count(),
       'parallel': config.parallel, 'platform': jax.default_backend(),
       'jax_version': jax.__version__, 'seed': config.seed, 'config': config.to_dict(),
@@ -567,6 +746,10 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
   t0 = time.perf_counter()
   teacher_vars, teacher_report = _teacher_variables(config, workdir, par, teacher, log,
                                                     channels, report)
+  if config.generator.bn_prior_weight > 0 and 'batch_stats' not in teacher_vars:
+    raise config_lib.ConfigError(
+        f'config.generator.bn_prior_weight={config.generator.bn_prior_weight}: expected 0 for '
+        f'teacher {config.teacher.model!r}, which has no BatchNorm statistics to match')
   teacher_report['test_accuracy'] = evaluate(teacher, teacher_vars, test_images, test_labels,
                                              config.eval_batch_size)
   report['teacher'] = {**report.get('teacher', {}), **teacher_report}
@@ -575,39 +758,133 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
       f'({time.perf_counter() - t0:.0f}s)')
 
   gcfg = config.generator
-  state, step_fn = generator_setup(config, generator, teacher)
-  state, seconds = _run_stage('generator', config, workdir, par, state,
-                              {'teacher': teacher_vars}, step_fn, gcfg.steps, log)
-  gen_vars = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  report['generator'] = {'steps': gcfg.steps,
-                         'seconds': _total_seconds(report, 'generator', seconds)}
-  write_json_atomic(report_path, report)
+  watch_key = jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['diagnostics'])
 
-  scfg = config.student
-  state, step_fn = student_setup(config, channels, generator, teacher, student)
-  test_accuracy_of = lambda host_state: {'test_accuracy': evaluate(
-      student, {'params': host_state['params']}, test_images, test_labels,
-      config.eval_batch_size)}
-  state, seconds = _run_stage('student', config, workdir, par, state,
-                              {'teacher': teacher_vars, 'generator': gen_vars}, step_fn,
-                              scfg.steps, log, report_every=scfg.eval_every,
-                              report_fn=test_accuracy_of)
-  accuracy = evaluate(student, {'params': state['params']}, test_images, test_labels,
+  def watch_generator(gen_state):
+    """Reporting only: a sample grid for TensorBoard and the coverage of 512 samples."""
+    variables = {'params': gen_state['params'], 'batch_stats': gen_state['batch_stats']}
+    images = diagnostics.generated_images(generator, variables, gcfg.latent_dim, watch_key, 512)
+    probs, features = diagnostics.teacher_outputs(teacher, teacher_vars, images)
+    if parallel.is_main_process():
+      from rdskd_jax import plot
+      log.write_images('generator', int(gen_state['step']),
+                       {'samples': plot.sample_grid(images[:64], config)})
+    return diagnostics.sample_statistics(probs, features)
+
+  def test_accuracy_of(student_state):
+    """Reporting only: the student's accuracy on the test split."""
+    return {'test_accuracy': evaluate(student, variables_of(student_state), test_images,
+                                      test_labels, config.eval_batch_size)}
+
+  def add_diagnostics(gen_vars, step):
+    if 'diagnostics' not in report:  # Once per trained generator (a rerun reuses them).
+      # Reporting only (after the generator has trained; nothing reads these back).
+      report['diagnostics'] = diagnostics.generator_diagnostics(
+          generator, gen_vars, teacher, teacher_vars, gcfg.latent_dim, watch_key,
+          config.diagnostic_samples, test_images=test_images)
+      log.write('diagnostics', step, report['diagnostics'])
+      log.flush()
+      _say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in report['diagnostics'].items()))
+    write_json_atomic(report_path, report)
+
+  if config.method == 'dafl':
+    dcfg = config.dafl
+    state, step_fn = dafl_setup(config, channels, generator, teacher, student)
+    every = config.student.eval_every
+    state, seconds = _run_stage(
+        'dafl', config, workdir, par, state, {'teacher': teacher_vars}, step_fn, dcfg.steps,
+        log, report_every=every,
+        report_fn=lambda s: {**watch_generator(s['generator']), **test_accuracy_of(s['student'])})
+    gen_vars, student_vars = variables_of(state['generator']), variables_of(state['student'])
+    seconds = _total_seconds(report, 'dafl', seconds)
+    report['dafl'] = {'steps': dcfg.steps, 'seconds': seconds}
+    report['generator'] = {'steps': dcfg.steps, 'seconds': seconds, 'trained_with': 'student'}
+    add_diagnostics(gen_vars, dcfg.steps)
+    student_steps = dcfg.steps
+  else:
+    state, step_fn = generator_setup(config, generator, teacher)
+    state, seconds = _run_stage('generator', config, workdir, par, state,
+                                {'teacher': teacher_vars}, step_fn, gcfg.steps, log,
+                                report_every=config.image_every, report_fn=watch_generator)
+    gen_vars = variables_of(state)
+    report['generator'] = {'steps': gcfg.steps,
+                           'seconds': _total_seconds(report, 'generator', seconds)}
+    add_diagnostics(gen_vars, gcfg.steps)
+
+    state, step_fn = student_setup(config, channels, generator, teacher, student)
+    state, seconds = _run_stage('student', config, workdir, par, state,
+                                {'teacher': teacher_vars, 'generator': gen_vars}, step_fn,
+                                config.student.steps, log,
+                                report_every=config.student.eval_every,
+                                report_fn=test_accuracy_of)
+    student_vars = variables_of(state)
+    seconds = _total_seconds(report, 'student', seconds)
+    student_steps = config.student.steps
+
+  accuracy = evaluate(student, student_vars, test_images, test_labels,
                       config.eval_batch_size)
   agreement = generated_agreement(
-      generator, gen_vars, teacher, teacher_vars, student, {'params': state['params']},
+      generator, gen_vars, teacher, teacher_vars, student, student_vars,
       gcfg.latent_dim, jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['fidelity']),
-      num_samples=scfg.agreement_samples)
-  report['student'] = {'steps': scfg.steps, 'test_accuracy': accuracy,
-                       'generated_agreement': agreement,
-                       'seconds': _total_seconds(report, 'student', seconds)}
+      num_samples=config.student.agreement_samples)
+  report['student'] = {'steps': student_steps, 'test_accuracy': accuracy,
+                       'generated_agreement': agreement, 'seconds': seconds}
   write_json_atomic(report_path, report)
   _say(f'[student] test accuracy {accuracy:.4f}')
 
   if not parallel.is_main_process():
     return report
-  from rdskd_jax import plots  # Matplotlib only when a run gets this far.
-  plots.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
-                     teacher_vars, gcfg.latent_dim, config,
-                     jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['samples']))
+  from rdskd_jax import plot  # Matplotlib only when a run gets this far.
+  plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
+                    teacher_vars, gcfg.latent_dim, config, samples_key(config))
+  plot.save_curves(workdir)
   return report
+
+
+class Run(NamedTuple):
+  """A run's networks as restored from its workdir (see `load_run`)."""
+  config: Any
+  teacher: Any
+  teacher_vars: Any
+  generator: Any
+  generator_vars: Any
+  student: Any
+  student_vars: Any  # None until the student stage has a checkpoint.
+
+
+def load_run(workdir: str) -> Run:
+  """The config (as run) and the trained networks of a workdir, from report.json and the
+  latest checkpoints; for plots and notebooks. Raises RunStopped when the run has not
+  got as far as a generator checkpoint."""
+  import ml_collections
+  report_path = os.path.join(workdir, 'report.json')
+  if not os.path.exists(report_path) or 'dataset_fields' not in json.load(open(report_path)):
+    raise RunStopped(f'{workdir!r} has no report.json of this version: run the job first')
+  report = json.load(open(report_path))
+  config = ml_collections.ConfigDict(report['config'])
+  fields = report['dataset_fields']
+  teacher, generator, student = build_networks(config, fields['num_classes'], fields['channels'])
+  source = config.teacher.checkpoint or os.path.join(workdir, 'teacher_variables')
+  with config.unlocked():
+    config.teacher.checkpoint = source
+  teacher_vars = restore_teacher(config, teacher, fields['channels'])
+
+  def latest(stage, template):
+    manager = _checkpoint_manager(workdir, stage)
+    step = manager.latest_step()
+    return None if step is None else _restore_like(manager, step, template)
+
+  if config.method == 'dafl':
+    joint = latest('dafl', dafl_setup(config, fields['channels'], generator, teacher,
+                                      student)[0])
+    generator_state, student_state = (None, None) if joint is None else (
+        joint['generator'], joint['student'])
+  else:
+    generator_state = latest('generator', generator_setup(config, generator, teacher)[0])
+    student_state = latest('student', student_setup(config, fields['channels'], generator,
+                                                    teacher, student)[0])
+  if generator_state is None:
+    raise RunStopped(f'{workdir!r} has no generator checkpoint yet')
+  generator_vars = variables_of(generator_state)
+  student_vars = None if student_state is None else variables_of(student_state)
+  return Run(config, teacher, teacher_vars, generator, generator_vars, student, student_vars)

@@ -53,6 +53,20 @@ def test_no_offline_recipe_for_other_datasets(tmp_path):
     data.prepare_offline('cifar10', str(tmp_path))
 
 
+def test_raw_files_are_named_and_checked_before_use(tmp_path):
+  """CIFAR-10 and SVHN are built from their raw files copied in; a missing or different
+  file is refused with what was expected."""
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  with pytest.raises(data.DataError, match=r"lacks extra_32x32.mat, test_32x32.mat, "
+                                           r"train_32x32.mat: dataset 'svhn_cropped' needs"):
+    data.prepare_from_raw('svhn_cropped', str(raw), str(tmp_path / 'tfds'))
+  (raw / 'cifar-10-binary.tar.gz').write_bytes(b'not the archive')
+  with pytest.raises(data.DataError, match=r'15 bytes with sha256 [0-9a-f]{64}, expected '
+                                           r'170052171 bytes with sha256 c4a38c50'):
+    data.prepare_from_raw('cifar10', str(raw), str(tmp_path / 'tfds'))
+
+
 def test_test_split_shapes_and_normalisation(smoke_config):
   images, labels = data.load_split(smoke_config, 'test')
   assert images.shape == (10000, 32, 32, 1) and images.dtype == np.float32

@@ -85,3 +85,28 @@ def test_convs_before_batchnorm_have_no_bias():
   variables = models.Generator().init(jax.random.key(0), jnp.zeros((2, 100)))
   assert set(variables['params']['conv1']) == set(variables['params']['conv2']) == {'kernel'}
   assert set(variables['params']['conv3']) == {'kernel', 'bias'}
+
+
+# Published counts for 10 classes on 32x32x3 inputs: WRN-40-2 2.24M, WRN-16-1 0.18M
+# (Zagoruyko & Komodakis 2016 / DFAD), ResNet-18 11.17M, ResNet-34 21.28M (CIFAR variant).
+@pytest.mark.parametrize('name, published', [
+    ('wrn_40_2', 2.2e6), ('wrn_16_1', 0.18e6), ('resnet18', 11.2e6), ('resnet34', 21.3e6)])
+def test_batchnorm_classifier_parameter_counts(name, published):
+  count = models.parameter_count(models.create_classifier(name, 10), (32, 32, 3))
+  assert abs(count - published) / published < 0.03, count
+
+
+@pytest.mark.parametrize('name, features', [('wrn_10_1', 64), ('resnet18', 512)])
+def test_batchnorm_classifier_modes(name, features):
+  """Train mode updates the running statistics; inference mode reads them; any class
+  count and image size work (global pooling)."""
+  model = models.create_classifier(name, 7)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
+  x = jax.random.normal(jax.random.key(1), (4, 20, 20, 3))
+  (logits, feats), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (4, 7) and feats.shape == (4, features)
+  assert not jax.tree.all(jax.tree.map(jnp.array_equal, updates['batch_stats'],
+                                       variables['batch_stats']))
+  # Fresh running statistics (mean 0, var 1) make inference differ from batch statistics.
+  inference, _ = model.apply(variables, x, train=False)
+  assert not np.allclose(inference, logits, atol=1e-3)

@@ -21,3 +21,17 @@ def test_quickstart_runs(mnist_data_dir, monkeypatch):
   assert not [o for o in outputs if o.output_type == 'error']
   assert any('image/png' in o.get('data', {}) for o in outputs)
   assert any('test_accuracy' in o.get('text', '') for o in outputs)
+  assert any('frechet_distance_to_test' in o.get('text', '') for o in outputs)
+
+
+def test_losses_notebook_runs():
+  path = os.path.join(NOTEBOOKS, 'losses.ipynb')
+  notebook = nbformat.read(path, as_version=4)
+  assert all(not c.get('outputs') for c in notebook.cells if c.cell_type == 'code'), \
+      'commit notebooks with outputs stripped'
+  NotebookClient(notebook, timeout=300, kernel_name='python3',
+                 resources={'metadata': {'path': NOTEBOOKS}}).execute()
+  outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
+  assert any('at its own references' in o.get('text', '') for o in outputs)

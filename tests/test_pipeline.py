@@ -37,7 +37,8 @@ def test_metrics_and_samples_are_written(smoke_run):
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   generator = [r for r in rows if r['stage'] == 'generator']
   student = [r for r in rows if r['stage'] == 'student']
-  assert [r['step'] for r in generator] == [2, 4, 6]
+  assert [r['step'] for r in generator] == [2, 3, 4, 6]  # 3: an image_every row
+  assert [r['step'] for r in generator if 'coverage_entropy' in r] == [3, 6]
   assert [r['step'] for r in student] == [2, 3, 4, 6]  # 3: an eval_every row
   for r in generator:
     assert {'one_hot', 'information_entropy', 'diversity', 'total'} <= set(r)
@@ -46,6 +47,44 @@ def test_metrics_and_samples_are_written(smoke_run):
   assert all(np.isfinite(r['kd']) and r['kd'] >= 0 for r in student)
   assert [r['step'] for r in student if 'test_accuracy' in r] == [3, 6]  # eval_every=3
   assert os.path.getsize(os.path.join(workdir, 'samples.png')) > 1000
+  assert os.path.getsize(os.path.join(workdir, 'curves.png')) > 1000
+  diagnostics = [r for r in rows if r['stage'] == 'diagnostics']
+  assert len(diagnostics) == 1 and diagnostics[0]['step'] == config.generator.steps
+
+
+def test_diagnostics_in_report_and_tensorboard(smoke_run):
+  """The diagnostics are in report.json and metrics.jsonl; TensorBoard gets the same
+  scalars and the generator's sample grids."""
+  import tensorflow as tf
+  _, workdir, report = smoke_run
+  d = report['diagnostics']
+  assert d['samples'] == 256
+  assert 0.0 <= d['coverage_entropy'] <= np.log(10) + 1e-9
+  assert 0.0 <= d['min_class_share'] <= 0.1
+  assert 0.1 <= d['teacher_confidence'] <= 1.0
+  assert d['intra_class_diversity'] > 0 and d['frechet_distance_to_test'] > 0
+  tags = set()
+  for path in tf.io.gfile.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  assert {'generator/total', 'student/kd', 'diagnostics/frechet_distance_to_test',
+          'generator/samples', 'generator/coverage_entropy'} <= tags
+
+
+def test_plot_command_writes_curves_and_refreshes_samples(smoke_run):
+  import subprocess
+  import sys
+  _, workdir, _ = smoke_run
+  for name in ('curves.png', 'samples.png'):
+    os.remove(os.path.join(workdir, name))
+  result = subprocess.run([sys.executable, '-m', 'rdskd_jax.plot', f'--workdir={workdir}'],
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  for name in ('curves.png', 'samples.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000
+  bad = subprocess.run([sys.executable, '-m', 'rdskd_jax.plot', '--workdir=/nonexistent'],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "error: '/nonexistent' has no metrics.jsonl" in bad.stderr
 
 
 def test_rerun_resumes_and_changes_nothing(smoke_run):

@@ -1,0 +1,146 @@
+"""Pictures of a run: generated samples by teacher class, and loss and accuracy curves.
+
+    python -m rdskd_jax.plot --workdir=W    # writes W/curves.png, refreshes W/samples.png
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import numpy as np  # noqa: E402
+
+
+def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_dim, config,
+                 key, num_samples: int = 512, per_class: int = 8) -> None:
+  """A grid with one row per class: generated images the teacher assigns to that class.
+
+  Images come from the trained generator in inference mode; rows with fewer than
+  `per_class` samples (a class the generator rarely produces) stay partly empty, which is
+  itself a diagnostic.
+  """
+  z = jax.random.normal(key, (num_samples, latent_dim))
+  images = generator.apply(generator_vars, z, train=False)
+  logits, _ = teacher.apply(teacher_vars, images, train=False)
+  probs = np.asarray(jax.nn.softmax(logits))
+  predicted = probs.argmax(-1)
+  std, mean = np.asarray(config.std), np.asarray(config.mean)
+  pictures = np.clip(np.asarray(images) * std + mean, 0.0, 1.0)
+  num_classes = probs.shape[-1]
+  fig, axes = plt.subplots(num_classes, per_class, figsize=(per_class * 0.9, num_classes * 0.9))
+  for c in range(num_classes):
+    members = np.flatnonzero(predicted == c)
+    members = members[np.argsort(-probs[members, c])][:per_class]
+    for j in range(per_class):
+      ax = axes[c, j]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j < len(members):
+        picture = pictures[members[j]]
+        ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap='gray',
+                  vmin=0, vmax=1)
+      if j == 0:
+        ax.set_ylabel(f'{c} ({np.mean(predicted == c):.0%})', fontsize=7)
+  fig.suptitle('generated samples by teacher class (share of samples)', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def sample_grid(images, config, columns: int = 8) -> np.ndarray:
+  """Images (NHWC, normalised) as one de-normalised [0, 1] grid image (H, W, C), rows of
+  `columns` images with a 1-pixel gap; for TensorBoard."""
+  images = np.clip(np.asarray(images, np.float32) * np.asarray(config.std, np.float32)
+                   + np.asarray(config.mean, np.float32), 0.0, 1.0)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.ones((rows * (h + 1) - 1, columns * (w + 1) - 1, c), np.float32)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = image
+  return grid
+
+
+# Generator losses of metrics.jsonl, in plotting order.
+_GENERATOR_CURVES = ('one_hot', 'information_entropy', 'diversity', 'activation', 'bn_prior',
+                     'total')
+
+
+def save_curves(workdir: str, path: str = '') -> str:
+  """`curves.png` from `metrics.jsonl`: the generator's losses, the student's KD loss, and
+  the student's test accuracy (reporting rows and the final value in report.json) per
+  logged step. Returns the path written."""
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))
+          if line.strip()]
+  report_path = os.path.join(workdir, 'report.json')
+  report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+  by_stage = lambda stage: [r for r in rows if r['stage'] == stage]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+  generator = by_stage('generator') or by_stage('dafl')  # DAFL: one joint stage.
+  for name in _GENERATOR_CURVES:
+    points = [(r['step'], r[name]) for r in generator if name in r]
+    if points:
+      axes[0].plot(*zip(*points), label=name)
+  axes[0].set_title('generator losses')
+  axes[0].set_yscale('symlog', linthresh=1e-2)
+  student = by_stage('student') or by_stage('dafl')
+  if student:
+    axes[1].plot([r['step'] for r in student], [r['kd'] for r in student])
+    axes[1].set_yscale('log')
+  axes[1].set_title('student KD loss')
+  accuracy = [(r['step'], r['test_accuracy']) for r in student if 'test_accuracy' in r]
+  final = report.get('student', {})
+  if 'test_accuracy' in final and (not accuracy or accuracy[-1][0] != final['steps']):
+    accuracy.append((final['steps'], final['test_accuracy']))
+  if accuracy:
+    axes[2].plot(*zip(*accuracy), marker='o')
+  teacher = report.get('teacher', {}).get('test_accuracy')
+  if teacher is not None:
+    axes[2].axhline(teacher, color='gray', linestyle='--', label=f'teacher {teacher:.4f}')
+    axes[2].legend(fontsize=8)
+  axes[2].set_title('student test accuracy (reporting only)')
+  for ax in axes:
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  if generator:
+    axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  path = path or os.path.join(workdir, 'curves.png')
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m rdskd_jax.plot',
+      description='Writes W/curves.png from metrics.jsonl and refreshes W/samples.png from '
+                  "the run's generator and teacher checkpoints.")
+  parser.add_argument('--workdir', required=True)
+  args = parser.parse_args(argv)
+  if not os.path.exists(os.path.join(args.workdir, 'metrics.jsonl')):
+    print(f'error: {args.workdir!r} has no metrics.jsonl: not the workdir of a run',
+          file=sys.stderr)
+    return 2
+  print(save_curves(args.workdir))
+  from rdskd_jax import train  # noqa: E402  (jax and tfds only past the argument checks)
+  try:
+    run = train.load_run(args.workdir)
+  except train.RunStopped as e:
+    print(f'samples.png not refreshed: {e}', file=sys.stderr)
+    return 1
+  path = os.path.join(args.workdir, 'samples.png')
+  save_samples(path, run.generator, run.generator_vars, run.teacher, run.teacher_vars,
+               run.config.generator.latent_dim, run.config,
+               train.samples_key(run.config))
+  print(path)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

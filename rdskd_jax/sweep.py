@@ -1,0 +1,344 @@
+"""Seeds x settings of one method, with one trained teacher: the robustness study.
+
+    python -m rdskd_jax.sweep --config=configs/mnist.py:cpu --workdir=W --seeds=3 \
+        --grid='generator.learning_rate=1e-3,2e-3,4e-3'
+
+`--grid` is `field=v1,v2,...` clauses joined by `;`; the settings are their cartesian
+product, each run with seeds config.seed, config.seed + 1, ... The teacher is trained once
+in `W/teacher` (or taken from config.teacher.checkpoint) and shared by every run.
+
+Runs whose configs differ only in the seed and learning rates share every shape, so they
+are batched: their states are stacked along a leading run axis and each stage's step is
+`jax.jit(jax.vmap(step))`, one compiled program for the whole group (the learning rate of
+each run lives in its state). Runs that differ in anything else (batch sizes, step counts,
+loss weights) form separate groups, run one after another. `--novmap` runs every run
+through the ordinary pipeline one by one instead (`W/runs/<i>`), the baseline the README's
+speed comparison uses.
+
+Writes `W/sweep.json` (per run: settings, seed, student test accuracy and generated
+agreement; per setting and overall: mean, std, min, max; seconds) and `W/sweep.md`, the
+summary table. Test accuracy is reported, never used to pick anything. Each group
+checkpoints its stacked state, so an interrupted sweep resumes where it stopped.
+"""
+
+import ast
+import copy
+import functools
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rdskd_jax import config_lib, data, train
+
+# Fields that may differ within one vmapped group (no shape or program depends on them).
+VMAPPED_FIELDS = ('seed', 'generator.learning_rate', 'student.learning_rate',
+                  'dafl.generator_learning_rate', 'dafl.student_learning_rate')
+# The learning rates of each method's trained networks, by state path.
+_LEARNING_RATES = {
+    'rdskd': {'generator': ('generator.learning_rate',), 'student': ('student.learning_rate',)},
+    'dafl': {'dafl': ('dafl.generator_learning_rate', 'dafl.student_learning_rate')},
+}
+
+
+def parse_grid(text: str) -> List[Dict[str, Any]]:
+  """'a.b=1,2;c=x' -> [{'a.b': 1, 'c': 'x'}, {'a.b': 2, 'c': 'x'}] (cartesian product)."""
+  if not text.strip():
+    return [{}]
+  fields = {}
+  for clause in text.split(';'):
+    if not clause.strip():
+      continue
+    name, sep, values = clause.partition('=')
+    if not sep or not name.strip() or not values.strip():
+      raise config_lib.ConfigError(f'--grid clause {clause!r}: expected field=value1,value2,...')
+    fields[name.strip()] = [_literal(v.strip()) for v in values.split(',')]
+  return [dict(zip(fields, combo)) for combo in itertools.product(*fields.values())]
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # A bare string, such as a model name.
+
+
+def _set(config, field: str, value) -> None:
+  *path, last = field.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  if last not in node:
+    raise config_lib.ConfigError(f'--grid field {field!r}: no such config field')
+  node[last] = type(node[last])(value) if isinstance(node[last], float) else value
+
+
+def _get(config, field: str):
+  for part in field.split('.'):
+    config = config[part]
+  return config
+
+
+def run_configs(config, seeds: int, grid: List[Dict[str, Any]]):
+  """[(settings, seed, config)] of every run: settings x seeds."""
+  runs = []
+  for settings in grid:
+    for offset in range(seeds):
+      run = copy.deepcopy(config)
+      for field, value in settings.items():
+        _set(run, field, value)
+      run.seed = config.seed + offset
+      runs.append((settings, run.seed, run))
+  return runs
+
+
+def group_key(config) -> str:
+  """Runs with equal keys differ only in VMAPPED_FIELDS and can share one program."""
+  flat = json.loads(json.dumps(config.to_dict()))
+  for field in VMAPPED_FIELDS:
+    *path, last = field.split('.')
+    node = flat
+    for part in path:
+      node = node[part]
+    node.pop(last)
+  return json.dumps(flat, sort_keys=True)
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def _unit_learning_rates(config):
+  """The config with every trained network's learning rate 1 (the runs' own rates then
+  scale the updates; see train._apply_gradients)."""
+  unit = copy.deepcopy(config)
+  for fields in _LEARNING_RATES[config.method].values():
+    for field in fields:
+      _set(unit, field, 1.0)
+  return unit
+
+
+def _with_lr(state, config, stage):
+  """`state` with each trained network's `lr_scale` from `config`."""
+  fields = _LEARNING_RATES[config.method][stage]
+  if stage == 'dafl':
+    return dict(state, generator=dict(state['generator'], lr_scale=jnp.float32(
+        _get(config, fields[0]))), student=dict(state['student'], lr_scale=jnp.float32(
+            _get(config, fields[1]))))
+  return dict(state, lr_scale=jnp.float32(_get(config, fields[0])))
+
+
+def _run_vmapped_stage(stage, configs, workdir, states, frozen, frozen_axes, step_fn, total,
+                       metrics_path):
+  """Runs a stage for a group of runs at once (states stacked along axis 0); resumes from
+  and writes Orbax checkpoints of the stacked state. Returns (stacked state, seconds)."""
+  config = configs[0]
+  manager = train._checkpoint_manager(workdir, stage)
+  state = _stack(states)
+  start = manager.latest_step() or 0
+  if start:
+    state = train._restore_like(manager, start, state)
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), train._STAGE_KEYS[stage])
+                    for c in configs])
+  step = jax.jit(jax.vmap(functools.partial(step_fn, axis_name=None),
+                          in_axes=(0, frozen_axes, 0)))
+  progress = train.Progress(f'{stage} x{len(configs)}', start, total)
+  if start == 0 and os.path.exists(metrics_path):
+    rows = [json.loads(line) for line in open(metrics_path)]
+    with open(metrics_path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows if r['stage'] != stage)
+  t0 = time.perf_counter()
+  with train._SigtermFlag() as sigterm:
+    for i in range(start, total):
+      state, metrics = step(state, frozen, keys)
+      done = i + 1
+      if done % config.log_every == 0 or done == total:
+        host = jax.device_get(metrics)
+        with open(metrics_path, 'a') as f:
+          for r in range(len(configs)):
+            f.write(json.dumps({'stage': stage, 'step': done, 'run': r,
+                                **{k: float(v[r]) for k, v in host.items()}}) + '\n')
+        progress.show(done, {k: float(np.mean(v)) for k, v in host.items()})
+        streak = np.asarray(state['nonfinite']['streak'])
+        if streak.max() >= config.max_bad_steps:
+          raise train.NonFiniteError(
+              f'{stage}: run {int(streak.argmax())} of this group had {int(streak.max())} '
+              f'consecutive non-finite steps up to step {done} (config.max_bad_steps='
+              f'{config.max_bad_steps}); the last checkpoint is step {manager.latest_step()}')
+      if done % config.checkpoint_every == 0 or done == total or sigterm.raised:
+        manager.save(done, args=ocp.args.StandardSave(state))
+      if sigterm.raised and done < total:
+        manager.wait_until_finished()
+        raise train.Preempted(f'{stage}: stopped by SIGTERM after step {done}/{total}, which '
+                              'is checkpointed; run the same command again to resume')
+  jax.block_until_ready(state)
+  manager.wait_until_finished()
+  return state, time.perf_counter() - t0
+
+
+def run_group(configs, workdir, teacher, generator, student, teacher_vars, channels,
+              test_images, test_labels):
+  """All runs of one group, vmapped; returns [{'test_accuracy', 'generated_agreement'}]."""
+  os.makedirs(workdir, exist_ok=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  unit = [_unit_learning_rates(c) for c in configs]
+  frozen = {'teacher': teacher_vars}
+  seconds = {}
+  if configs[0].method == 'dafl':
+    setups = [train.dafl_setup(u, channels, generator, teacher, student) for u in unit]
+    states = [_with_lr(s, c, 'dafl') for (s, _), c in zip(setups, configs)]
+    state, seconds['dafl'] = _run_vmapped_stage(
+        'dafl', configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
+        configs[0].dafl.steps, metrics_path)
+    gen_vars = train.variables_of(state['generator'])
+    student_vars = train.variables_of(state['student'])
+  else:
+    setups = [train.generator_setup(u, generator, teacher) for u in unit]
+    states = [_with_lr(s, c, 'generator') for (s, _), c in zip(setups, configs)]
+    state, seconds['generator'] = _run_vmapped_stage(
+        'generator', configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
+        configs[0].generator.steps, metrics_path)
+    gen_vars = train.variables_of(state)
+    setups = [train.student_setup(u, channels, generator, teacher, student) for u in unit]
+    states = [_with_lr(s, c, 'student') for (s, _), c in zip(setups, configs)]
+    state, seconds['student'] = _run_vmapped_stage(
+        'student', configs, workdir, states, dict(frozen, generator=gen_vars),
+        {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps,
+        metrics_path)
+    student_vars = train.variables_of(state)
+  results = []
+  for r, config in enumerate(configs):
+    g, s = _unstack(gen_vars, r), _unstack(student_vars, r)
+    results.append({
+        'test_accuracy': train.evaluate(student, s, test_images, test_labels,
+                                        config.eval_batch_size),
+        'generated_agreement': train.generated_agreement(
+            generator, g, teacher, teacher_vars, student, s, config.generator.latent_dim,
+            jax.random.fold_in(jax.random.key(config.seed), train._STAGE_KEYS['fidelity']),
+            num_samples=config.student.agreement_samples)})
+  return results, seconds
+
+
+def _summary(values):
+  values = np.asarray(values, np.float64)
+  return {'n': int(values.size), 'mean': float(values.mean()), 'std': float(values.std()),
+          'min': float(values.min()), 'max': float(values.max())}
+
+
+def summary_table(result) -> str:
+  """Markdown: student test accuracy per setting and overall."""
+  lines = ['| method | setting | seeds | mean | std | min | max |', '|---|---|---|---|---|---|---|']
+  rows = result['summary'] + [dict(result['overall'], settings='overall')]
+  for row in rows:
+    setting = row['settings'] if isinstance(row['settings'], str) else (
+        ', '.join(f'{k}={v}' for k, v in row['settings'].items()) or '(base config)')
+    lines.append(f"| {result['method']} | {setting} | {row['n']} | {row['mean']:.4f} | "
+                 f"{row['std']:.4f} | {row['min']:.4f} | {row['max']:.4f} |")
+  return '\n'.join(lines)
+
+
+def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
+  """Runs the sweep (resuming what is done) and returns the sweep.json content."""
+  if seeds < 1:
+    raise config_lib.ConfigError(f'--seeds={seeds}: expected a positive count')
+  grid = parse_grid(grid_text)
+  config = copy.deepcopy(config)
+  config.parallel = 'none'  # One device; the runs themselves are the batch axis.
+  runs = run_configs(config, seeds, grid)
+  for _, _, run in runs:
+    config_lib.validate(run, 1)
+  os.makedirs(workdir, exist_ok=True)
+  teacher_dir = os.path.join(workdir, 'teacher')
+  train.prepare_workdir(config, teacher_dir)
+  config, notes = data.resolve_dataset_fields(config, teacher_dir)
+  num_classes, channels = notes['num_classes'], notes['channels']
+  teacher, generator, student = train.build_networks(config, num_classes, channels)
+  par = train.setup_parallel(config)
+  log = train.MetricsLog(teacher_dir)
+  teacher_vars, teacher_report = train._teacher_variables(config, teacher_dir, par, teacher,
+                                                          log, channels, {})
+  test_images, test_labels = data.load_split(config, 'test')
+  teacher_report['test_accuracy'] = train.evaluate(teacher, teacher_vars, test_images,
+                                                   test_labels, config.eval_batch_size)
+  teacher_path = (os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint
+                  else os.path.join(os.path.abspath(teacher_dir), 'teacher_variables'))
+  for _, _, run in runs:  # Every run starts from the shared teacher and resolved fields.
+    run.teacher.checkpoint = teacher_path
+    run.image_size, run.mean, run.std = config.image_size, config.mean, config.std
+
+  results: List[Dict[str, Any]] = [None] * len(runs)
+  seconds = {}
+  t0 = time.perf_counter()
+  if vmap:
+    groups: Dict[str, List[int]] = {}
+    for i, (_, _, run) in enumerate(runs):
+      groups.setdefault(group_key(run), []).append(i)
+    for g, members in enumerate(groups.values()):
+      out, seconds[f'group{g}'] = run_group(
+          [runs[i][2] for i in members], os.path.join(workdir, 'groups', str(g)), teacher,
+          generator, student, teacher_vars, channels, test_images, test_labels)
+      for i, result in zip(members, out):
+        results[i] = dict(result, group=g)
+  else:
+    for i, (_, _, run) in enumerate(runs):
+      report = train.train_and_evaluate(run, os.path.join(workdir, 'runs', str(i)))
+      results[i] = {'test_accuracy': report['student']['test_accuracy'],
+                    'generated_agreement': report['student']['generated_agreement']}
+      seconds[f'run{i}'] = {k: report[k]['seconds'] for k in ('generator', 'student', 'dafl')
+                            if k in report}
+  total_seconds = time.perf_counter() - t0
+
+  per_run = [{'settings': settings, 'seed': seed, **result}
+             for (settings, seed, _), result in zip(runs, results)]
+  summary = []
+  for settings in grid:
+    accs = [r['test_accuracy'] for r in per_run if r['settings'] == settings]
+    summary.append({'settings': settings, **_summary(accs)})
+  result = {
+      'method': config.method, 'dataset': config.dataset, 'preset': config.preset,
+      'seeds': seeds, 'grid': grid_text, 'vmap': vmap, 'platform': jax.default_backend(),
+      'teacher': teacher_report, 'runs': per_run, 'summary': summary,
+      'overall': _summary([r['test_accuracy'] for r in per_run]),
+      'seconds': {'total (all runs, after the teacher)': total_seconds, **seconds},
+      'config': config.to_dict()}
+  train.write_json_atomic(os.path.join(workdir, 'sweep.json'), result)
+  with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
+    f.write(summary_table(result) + '\n')
+  return result
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally :preset.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the sweep.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per setting (config.seed, +1, ...).')
+_GRID = flags.DEFINE_string('grid', '', "Settings: 'field=v1,v2;field2=w1,w2' (product).")
+_VMAP = flags.DEFINE_bool('vmap', True, 'Batch runs that share shapes with jax.vmap.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  try:
+    result = sweep(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _GRID.value, _VMAP.value)
+  except (config_lib.ConfigError, data.DataError, train.RunStopped) as e:
+    print(f'{"stopped" if isinstance(e, train.Preempted) else "error"}: {e}', file=sys.stderr)
+    sys.exit(143 if isinstance(e, train.Preempted) else 2)
+  print(summary_table(result))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,113 @@
+"""Other datasets than MNIST, end to end on tfds mock data (random images of the real
+dataset's shapes and class counts, from tfds.testing.mock_data): the SVHN and CIFAR-10
+configs' smoke presets, another 1-channel dataset through the MNIST config, and the
+generic config reading everything from the dataset's metadata."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar10, mnist, svhn
+from configs import tfds as tfds_config
+from rdskd_jax import config_lib, data, train
+
+
+@pytest.fixture
+def mock_tfds(request, monkeypatch):
+  """tfds with fake data: 64 examples per split (`@pytest.mark.parametrize('mock_tfds',
+  [N], indirect=True)` for N). Mocked builders report themselves unprepared, so our
+  download-or-build step is skipped (it is tested on real MNIST)."""
+  monkeypatch.setattr(data, 'ensure_prepared', lambda name, data_dir: None)
+  with tfds.testing.mock_data(num_examples=getattr(request, 'param', 64)):
+    yield
+
+
+def _run(config, workdir):
+  config.data_dir = '/nonexistent/tfds'  # mock_data never reads it.
+  report = train.train_and_evaluate(config, str(workdir))
+  assert json.load(open(os.path.join(workdir, 'report.json')))['student'] == report['student']
+  assert report['teacher']['steps'] > 0 and report['generator']['steps'] == config.generator.steps
+  assert 0.0 <= report['student']['test_accuracy'] <= 1.0
+  assert 0.0 <= report['teacher']['test_accuracy'] <= 1.0
+  assert os.path.getsize(os.path.join(workdir, 'samples.png')) > 1000
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert all(np.isfinite(v) for r in rows for k, v in r.items() if k not in ('stage', 'step'))
+  return report
+
+
+@pytest.mark.parametrize('module, dataset, teacher, student', [
+    (svhn, 'svhn_cropped', 'wrn_40_2', 'wrn_16_1'),
+    (cifar10, 'cifar10', 'resnet34', 'resnet18')])
+def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, teacher,
+                                        student):
+  config = module.get_config('smoke')
+  assert (config.dataset, config.teacher.model, config.student.model) == (dataset, teacher,
+                                                                          student)
+  assert config.generator.latent_dim == 1000
+  if dataset == 'svhn_cropped':  # The BatchNorm prior (a BatchNorm teacher), once.
+    config.generator.bn_prior_weight = 0.1
+  report = _run(config, tmp_path)
+  assert report['dataset_fields'] == {'num_classes': 10, 'channels': 3}
+  rows = [json.loads(line) for line in open(os.path.join(tmp_path, 'metrics.jsonl'))]
+  with_prior = [r['bn_prior'] for r in rows if 'bn_prior' in r]
+  assert (len(with_prior) == 4 and all(v > 0 for v in with_prior)) == (dataset == 'svhn_cropped')
+  # Teacher and student have BatchNorm: their running statistics are saved and used.
+  saved = os.listdir(os.path.join(tmp_path, 'teacher_variables'))
+  assert saved and report['config']['teacher']['model'] == teacher
+
+
+@pytest.mark.parametrize('mock_tfds', [512], indirect=True)  # The smoke teacher batch.
+def test_mnist_config_runs_another_one_channel_dataset(mock_tfds, tmp_path):
+  config = mnist.get_config('smoke')
+  config.dataset = 'fashion_mnist'
+  report = _run(config, tmp_path)
+  assert report['dataset'] == 'fashion_mnist'
+  assert report['dataset_fields'] == {'num_classes': 10, 'channels': 1}
+
+
+def test_generic_config_reads_shape_and_computes_normalization(mock_tfds, tmp_path):
+  config = tfds_config.get_config('smoke')
+  config.dataset = 'fashion_mnist'      # 28x28x1, 10 classes in its metadata.
+  config.teacher.model = config.student.model = 'wrn_10_1'  # Small, for test time.
+  report = _run(config, tmp_path)
+  assert report['config']['image_size'] == 28
+  assert report['dataset_fields']['image_size'] == '28 (from the dataset)'
+  stats = json.load(open(os.path.join(tmp_path, 'normalization.json')))
+  assert stats['dataset'] == 'fashion_mnist' and len(stats['mean']) == len(stats['std']) == 1
+  # Mock pixels are uniform on 0..255: mean ~0.5, std ~0.29 after scaling to [0, 1].
+  assert abs(stats['mean'][0] - 0.5) < 0.05 and abs(stats['std'][0] - 0.29) < 0.05
+  assert list(report['config']['mean']) == stats['mean']
+
+
+def test_generic_config_refuses_a_channel_count_mismatch(mock_tfds, tmp_path):
+  config = tfds_config.get_config('smoke')
+  config.dataset = 'cifar10'
+  config.mean, config.std = (0.5,), (0.25,)
+  with pytest.raises(data.DataError, match=r"config.mean=\(0.5,\): 1 values, but dataset "
+                                           r"'cifar10' has 3 channels"):
+    data.resolve_dataset_fields(config, str(tmp_path))
+
+
+def test_generic_config_needs_a_dataset_name():
+  with pytest.raises(config_lib.ConfigError, match="config.dataset='': expected a tfds"):
+    config_lib.validate(tfds_config.get_config('smoke'), 1)
+
+
+def test_step_schedule_multiplies_the_learning_rate_after_its_epochs():
+  config = cifar10.get_config()
+  scfg = config.student
+  assert scfg.schedule == 'step' and tuple(scfg.decay_epochs) == (800,)
+  scfg.optimizer, scfg.momentum = 'sgd', 0.0  # Plain SGD: the update is -lr * gradient.
+  scfg.epoch_length = 1  # Epochs of one step: the same schedule, 120x fewer updates to run.
+  tx = train._optimizer(scfg, scfg.steps, scfg.epoch_length)
+  params = {'w': np.zeros(())}
+  state = tx.init(params)
+  lrs = []
+  for step in range(802):
+    updates, state = tx.update({'w': np.ones(())}, state, params)
+    if step in (0, 799, 800, 801):
+      lrs.append(-float(updates['w']))
+  np.testing.assert_allclose(lrs, [2e-3, 2e-3, 2e-4, 2e-4], rtol=1e-6)

@@ -1,0 +1,91 @@
+"""The robustness sweep: grid parsing, a well-formed sweep.json on the smoke preset, and
+the vmapped sweep computing what separate runs compute."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rdskd_jax import config_lib, sweep
+
+# One setting off the config's learning rate (1e-3), so every run scales its updates.
+GRID = 'generator.learning_rate=2e-3'
+
+
+def test_parse_grid_is_a_cartesian_product():
+  assert sweep.parse_grid('a=1,2;b=x') == [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}]
+  assert sweep.parse_grid('') == [{}]
+  with pytest.raises(config_lib.ConfigError, match="--grid clause 'a': expected field="):
+    sweep.parse_grid('a')
+
+
+def test_runs_group_by_shape():
+  from configs import mnist
+  runs = sweep.run_configs(mnist.get_config('smoke'), 2,
+                           sweep.parse_grid('student.learning_rate=1e-3,2e-3;'
+                                            'student.batch_size=16,32'))
+  assert len(runs) == 8 and [seed for _, seed, _ in runs[:2]] == [0, 1]
+  assert len({sweep.group_key(c) for _, _, c in runs}) == 2  # One per batch size.
+
+
+@pytest.fixture(scope='module')
+def sweeps(tmp_path_factory, mnist_data_dir):
+  """2 seeds, vmapped and one by one, in float64 compute: float32
+  rounding differs between a batched and a single program, and Adam, which divides by
+  the gradient's running magnitude, amplifies it in near-zero parameters (up to 1e-4
+  after 6 steps); float64 separates that from a real difference."""
+  from configs import mnist
+  config = mnist.get_config('smoke')
+  config.data_dir = mnist_data_dir
+  config.dtype = 'float64'
+  root = tmp_path_factory.mktemp('sweep')
+  with jax.enable_x64(True):
+    vmapped = sweep.sweep(config, str(root / 'vmap'), 2, GRID, vmap=True)
+    config.teacher.checkpoint = str(root / 'vmap' / 'teacher' / 'teacher_variables')
+    looped = sweep.sweep(config, str(root / 'loop'), 2, GRID, vmap=False)
+  return root, vmapped, looped
+
+
+def test_sweep_json_is_well_formed(sweeps):
+  root, result, _ = sweeps
+  assert json.load(open(root / 'vmap' / 'sweep.json')) == json.loads(json.dumps(result))
+  assert [(r['settings'], r['seed']) for r in result['runs']] == [
+      ({'generator.learning_rate': 2e-3}, s) for s in (0, 1)]
+  assert all(0 <= r['test_accuracy'] <= 1 and r['group'] == 0 for r in result['runs'])
+  assert [s['n'] for s in result['summary']] == [2] and result['overall']['n'] == 2
+  for row in result['summary'] + [result['overall']]:
+    assert row['min'] <= row['mean'] <= row['max'] and row['std'] >= 0
+  table = open(root / 'vmap' / 'sweep.md').read()
+  assert '| rdskd | generator.learning_rate=0.002 | 2 |' in table and '| rdskd | overall | 2 |' in table
+
+
+def _final(directory):
+  step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+  return ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), 'default'))
+
+
+def test_vmapped_runs_equal_separate_runs(sweeps):
+  """Seeds and learning rates batched in one program give each run's own result."""
+  root, vmapped, looped = sweeps
+  for stage in ('generator', 'student'):
+    stacked = _final(root / 'vmap' / 'groups' / '0' / 'checkpoints' / stage)
+    for i in range(2):
+      alone = _final(root / 'loop' / 'runs' / str(i) / 'checkpoints' / stage)
+      for path in (('params',), ('batch_stats',)):
+        if path[0] not in alone:
+          continue
+        got = stacked[path[0]]
+        leaves_got = [np.asarray(x)[i] for x in _leaves(got)]
+        leaves_want = [np.asarray(x) for x in _leaves(alone[path[0]])]
+        for g, w in zip(leaves_got, leaves_want):
+          np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f'{stage} run {i}')
+  for a, b in zip(vmapped['runs'], looped['runs']):
+    assert a['settings'] == b['settings'] and a['seed'] == b['seed']
+    assert abs(a['test_accuracy'] - b['test_accuracy']) <= 3e-4  # Near-tie argmaxes.
+
+
+def _leaves(tree):
+  return jax.tree.leaves(tree)
