@@ -71,7 +71,12 @@ def assert_same_run(workdir, reference, loss_rtol, state_rtol, accuracy_atol=3e-
   for key, row in want.items():
     assert got[key].keys() == row.keys(), key
     for name, value in row.items():
-      if 'accuracy' in name:
+      if key[0] == 'diagnostics':
+        # Reporting statistics of 4k samples (a Frechet distance of features): a function
+        # of the final generator, compared to 5% (rounding in float32, ~1e-7 in float64).
+        np.testing.assert_allclose(got[key][name], value, rtol=0.05, atol=1e-6,
+                                   err_msg=f'{key} {name}')
+      elif 'accuracy' in name:
         assert abs(got[key][name] - value) <= accuracy_atol + 1e-9, (key, name, got[key][name],
                                                                      value)
       else:
