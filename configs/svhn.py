@@ -20,31 +20,9 @@ from rdskd_jax import config_lib
 
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  c = config_lib.base_config(preset)
+  c = config_lib.wrn_config(preset, 'configs/svhn.py')
   c.dataset = 'svhn_cropped'
   c.image_size = 32
   c.mean = (0.4377, 0.4438, 0.4728)
   c.std = (0.1980, 0.2010, 0.1970)
-  c.teacher.model = 'wrn_40_2'
-  c.teacher.batch_size = 128
-  c.teacher.epochs = 40
-  c.teacher.optimizer = 'sgd'
-  c.teacher.learning_rate = 0.05
-  c.teacher.momentum = 0.9
-  c.teacher.weight_decay = 5e-4
-  c.teacher.schedule = 'cosine'
-  c.teacher.max_shift = 2
-  c.generator.latent_dim = 1000
-  c.student.model = 'wrn_16_1'
-  c.eval_batch_size = 500
-
-  if preset == 'paper':
-    pass
-  elif preset == 'cpu':
-    config_lib.deep_cpu_preset(c)
-  elif preset == 'smoke':
-    config_lib.deep_smoke_preset(c)
-  else:
-    raise ValueError(f"unknown preset {preset!r} for configs/svhn.py; expected 'paper', "
-                     "'cpu' or 'smoke'")
   return c

@@ -148,6 +148,32 @@ def deep_smoke_preset(c: ml_collections.ConfigDict) -> None:
   c.student.agreement_samples = 64
 
 
+def wrn_config(preset: str, file: str) -> ml_collections.ConfigDict:
+  """WRN-40-2 -> WRN-16-1 with latent 1000 and the SVHN teacher recipe (SGD 0.05, momentum
+  0.9, wd 5e-4, cosine over 40 epochs, batch 128, 2-pixel shifts), with `preset` applied;
+  the caller sets the dataset fields. `file` names the config file in errors."""
+  c = base_config(preset)
+  c.teacher.model = 'wrn_40_2'
+  c.teacher.batch_size = 128
+  c.teacher.epochs = 40
+  c.teacher.optimizer = 'sgd'
+  c.teacher.learning_rate = 0.05
+  c.teacher.momentum = 0.9
+  c.teacher.weight_decay = 5e-4
+  c.teacher.schedule = 'cosine'
+  c.teacher.max_shift = 2
+  c.generator.latent_dim = 1000
+  c.student.model = 'wrn_16_1'
+  c.eval_batch_size = 500
+  if preset == 'cpu':
+    deep_cpu_preset(c)
+  elif preset == 'smoke':
+    deep_smoke_preset(c)
+  elif preset != 'paper':
+    raise ValueError(f"unknown preset {preset!r} for {file}; expected 'paper', 'cpu' or 'smoke'")
+  return c
+
+
 def _require(ok: bool, field: str, value, expected: str):
   if not ok:
     raise ConfigError(f'config.{field}={value!r}: expected {expected}')

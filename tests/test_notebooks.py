@@ -8,30 +8,28 @@ from nbclient import NotebookClient
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks')
 
 
-def test_quickstart_runs(mnist_data_dir, monkeypatch):
-  monkeypatch.setenv('RDSKD_DATA_DIR', mnist_data_dir)
-  monkeypatch.setenv('RDSKD_NOTEBOOK_PRESET', 'smoke')
-  path = os.path.join(NOTEBOOKS, 'quickstart.ipynb')
-  notebook = nbformat.read(path, as_version=4)
+def _execute(name):
+  """Runs a notebook top to bottom (committed with outputs stripped); its code outputs."""
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   assert all(not c.get('outputs') for c in notebook.cells if c.cell_type == 'code'), \
       'commit notebooks with outputs stripped'
   NotebookClient(notebook, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': NOTEBOOKS}}).execute()
   outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
   assert not [o for o in outputs if o.output_type == 'error']
+  return outputs
+
+
+def test_quickstart_runs(mnist_data_dir, monkeypatch):
+  monkeypatch.setenv('RDSKD_DATA_DIR', mnist_data_dir)
+  monkeypatch.setenv('RDSKD_NOTEBOOK_PRESET', 'smoke')
+  outputs = _execute('quickstart.ipynb')
   assert any('image/png' in o.get('data', {}) for o in outputs)
   assert any('test_accuracy' in o.get('text', '') for o in outputs)
   assert any('frechet_distance_to_test' in o.get('text', '') for o in outputs)
 
 
 def test_losses_notebook_runs():
-  path = os.path.join(NOTEBOOKS, 'losses.ipynb')
-  notebook = nbformat.read(path, as_version=4)
-  assert all(not c.get('outputs') for c in notebook.cells if c.cell_type == 'code'), \
-      'commit notebooks with outputs stripped'
-  NotebookClient(notebook, timeout=300, kernel_name='python3',
-                 resources={'metadata': {'path': NOTEBOOKS}}).execute()
-  outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == 'error']
+  outputs = _execute('losses.ipynb')
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
   assert any('at its own references' in o.get('text', '') for o in outputs)
