@@ -22,6 +22,12 @@ def test_parse_grid_is_a_cartesian_product():
     sweep.parse_grid('a')
 
 
+def test_vmap_default_depends_on_platform():
+  assert not sweep.use_vmap(None, 'cpu')
+  assert sweep.use_vmap(None, 'gpu') and sweep.use_vmap(None, 'tpu')
+  assert sweep.use_vmap(True, 'cpu') and not sweep.use_vmap(False, 'gpu')
+
+
 def test_runs_group_by_shape():
   from configs import mnist
   runs = sweep.run_configs(mnist.get_config('smoke'), 2,
