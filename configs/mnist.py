@@ -39,7 +39,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.student.schedule = 'cosine'
     c.student.eval_every = 500
     # DAFL (method='dafl') at the same batch, for about the training time of the RDSKD
-    # stages above: a joint step costs about a generator step (0.8 s at batch 256 here).
+    # stages above, estimating a joint step at a generator step (0.8 s at batch 256 here)
+    # plus a small student step.
     c.dafl.batch_size = 256
     c.dafl.steps = 960
     c.image_every = 40
