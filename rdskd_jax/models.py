@@ -6,7 +6,6 @@ loss and the diagnostics read them). The registry is open: other pairs (WRN, Res
 register themselves with `register_classifier`.
 """
 
-import functools
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -33,11 +32,35 @@ def known_classifiers():
   return sorted(_CLASSIFIERS)
 
 
+def output_dtype(inputs, dtype):
+  """The dtype a network returns: the wider of its inputs' and its compute dtype, so that
+  bfloat16 compute gives float32 outputs for float32 inputs, and float64 compute gives
+  float64 even for float32 images (read from a dataset), rounding nothing."""
+  return inputs.dtype if dtype is None else jnp.promote_types(inputs.dtype, dtype)
+
+
 def create_classifier(name: str, num_classes: int, dtype: Any = None) -> nn.Module:
   """A registered classifier computing in `dtype` (None: the dtype of its inputs)."""
   if name not in _CLASSIFIERS:
     raise ValueError(f'unknown model {name!r}; known models: {", ".join(known_classifiers())}')
   return _CLASSIFIERS[name](num_classes=num_classes, dtype=dtype)
+
+
+# PyTorch's default initialisation of nn.Linear and nn.Conv2d, which the authors' generator
+# and LeNet-5 keep: weights and biases uniform in +-1/sqrt(fan_in). It is not Flax's
+# default (LeCun-normal weights, 3x the variance, and zero biases), and the difference
+# changes what the generator learns: the BatchNorms with epsilon 0.8 are not scale
+# invariant, so the weights' scale sets the contrast before the tanh.
+torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias initialiser for a layer with `fan_in` inputs per output."""
+  bound = 1 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
 def parameter_count(model: nn.Module, image_shape=(32, 32, 3)) -> int:
@@ -51,7 +74,8 @@ class _LeNet5Family(nn.Module):
   num_classes: int = 10
   widths: tuple = (6, 16, 120, 84)
   # Compute dtype (None: the inputs'). Parameters stay float32; logits and features come
-  # back in the images' dtype, so losses on them keep full precision under bfloat16.
+  # back in the wider of the images' and the compute dtype (`output_dtype`), so losses
+  # on them keep full precision under bfloat16, and all of float64's.
   dtype: Any = None
   axis_name: Optional[str] = None  # Unused (no BatchNorm); every classifier takes it.
 
@@ -60,16 +84,25 @@ class _LeNet5Family(nn.Module):
     del train  # No BatchNorm or dropout: the same function in both modes.
     c1, c2, c3, hidden = self.widths
     x = images
-    conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding='VALID', dtype=self.dtype)
-    x = nn.relu(conv(c1, name='conv1')(x))
+    def conv(features, name):  # PyTorch's default initialisation, as the authors' LeNet-5.
+      return nn.Conv(features, (5, 5), padding='VALID', dtype=self.dtype, name=name,
+                     kernel_init=torch_kernel_init,
+                     bias_init=torch_bias_init(25 * x.shape[-1]))
+
+    def dense(features, name):
+      return nn.Dense(features, dtype=self.dtype, name=name, kernel_init=torch_kernel_init,
+                      bias_init=torch_bias_init(x.shape[-1]))
+
+    x = nn.relu(conv(c1, 'conv1')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(conv(c2, name='conv2')(x))
+    x = nn.relu(conv(c2, 'conv2')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(conv(c3, name='conv3')(x))
+    x = nn.relu(conv(c3, 'conv3')(x))
     x = x.reshape((x.shape[0], -1))
-    features = nn.relu(nn.Dense(hidden, dtype=self.dtype, name='fc1')(x))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc2')(features)
-    return logits.astype(images.dtype), features.astype(images.dtype)
+    x = features = nn.relu(dense(hidden, 'fc1')(x))
+    logits = dense(self.num_classes, 'fc2')(features)
+    out = output_dtype(images, self.dtype)
+    return logits.astype(out), features.astype(out)
 
 
 @register_classifier('lenet5')
@@ -112,10 +145,11 @@ class _BatchNormClassifier(nn.Module):
                         use_fast_variance=False, name=name)
 
   def _head(self, features, images):
-    """Global average pool -> Dense; returns (logits, pooled features) in the images' dtype."""
+    """Global average pool -> Dense; returns (logits, pooled features) in `output_dtype`."""
     pooled = jnp.mean(features, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(pooled)
-    return logits.astype(images.dtype), pooled.astype(images.dtype)
+    out = output_dtype(images, self.dtype)
+    return logits.astype(out), pooled.astype(out)
 
 
 class WideResNet(_BatchNormClassifier):
@@ -267,12 +301,12 @@ class UpsampleConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     cin = x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+    kernel = self.param('kernel', torch_kernel_init, (3, 3, cin, self.features))
     kernel = kernel.astype(x.dtype)
     if not self.subpixel:
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
-      return self._add_bias(y)
+      return self._add_bias(y, cin)
     n, h, w, _ = x.shape
     y = _phase_conv(x, _subpixel_kernel(kernel))
     # y: (n, h+1, w+1, 4*C); phase (a, b) of output pixel (i, j) sits at y[i+a, j+b].
@@ -280,12 +314,12 @@ class UpsampleConv(nn.Module):
     rows = [jnp.stack([y[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3)
             for a in range(2)]                                       # (n, h, w, 2, C)
     y = jnp.stack(rows, axis=2)                                      # (n, h, 2, w, 2, C)
-    return self._add_bias(y.reshape(n, 2 * h, 2 * w, self.features))
+    return self._add_bias(y.reshape(n, 2 * h, 2 * w, self.features), cin)
 
-  def _add_bias(self, y):
+  def _add_bias(self, y, cin):
     if not self.use_bias:
       return y
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    bias = self.param('bias', torch_bias_init(9 * cin), (self.features,))
     return y + bias.astype(y.dtype)
 
 
@@ -300,8 +334,8 @@ class NarrowConv3x3(nn.Module):
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, c, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel = self.param('kernel', torch_kernel_init, (3, 3, c, self.features))
+    bias = self.param('bias', torch_bias_init(9 * c), (self.features,))
     taps = jnp.transpose(kernel.astype(x.dtype), (2, 0, 1, 3)).reshape(c, 9 * self.features)
     y = (x.reshape(-1, c) @ taps).reshape(n, h, w, 3, 3, self.features)
     y = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
@@ -328,7 +362,7 @@ class Generator(nn.Module):
   differently on 1 and on 8 devices, and with it the running means used at inference.
 
   `dtype` is the compute dtype (None: the noise's; bfloat16 on accelerators). Parameters
-  and BatchNorm statistics stay float32, and the images come back in the noise's dtype.
+  and BatchNorm statistics stay float32, and the images come back in `output_dtype`.
   """
   image_size: int = 32
   channels: int = 1
@@ -343,7 +377,8 @@ class Generator(nn.Module):
         use_running_average=not train, momentum=0.9, epsilon=eps, use_scale=affine,
         use_bias=affine, axis_name=self.axis_name if train else None, dtype=self.dtype,
         use_fast_variance=False)
-    x = nn.Dense(128 * s * s, dtype=self.dtype, name='project')(z)
+    x = nn.Dense(128 * s * s, dtype=self.dtype, name='project', kernel_init=torch_kernel_init,
+                 bias_init=torch_bias_init(z.shape[-1]))(z)
     x = norm(1e-5)(x.reshape(z.shape[0], s, s, 128))
     x = UpsampleConv(128, self.subpixel, use_bias=False, name='conv1')(x)
     x = nn.leaky_relu(norm(0.8)(x), 0.2)
@@ -352,6 +387,7 @@ class Generator(nn.Module):
     if self.subpixel:
       x = NarrowConv3x3(self.channels, name='conv3')(x)
     else:
-      x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='conv3')(x)
+      x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='conv3',
+                  kernel_init=torch_kernel_init, bias_init=torch_bias_init(9 * x.shape[-1]))(x)
     x = jnp.tanh(x)
-    return norm(1e-5, affine=False)(x).astype(z.dtype)
+    return norm(1e-5, affine=False)(x).astype(output_dtype(z, self.dtype))

@@ -96,6 +96,15 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _in_compute_precision(params, dtype):
+  """Parameters promoted to the compute dtype where it is wider (float32 parameters under
+  float64 compute), for differentiating: the gradients then keep the compute precision
+  until they are averaged over devices. Otherwise (float32, bfloat16) the same arrays."""
+  if dtype is None:
+    return params
+  return jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, dtype)), params)
+
+
 def _apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
   """One Adam step, with `new_parts` (BatchNorm statistics, loss references) replacing
   their state entries; skipped when the loss or any gradient is not finite.
@@ -112,6 +121,8 @@ def _apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
   """
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
+  # Rounded to the parameters' dtype only after the average (see _in_compute_precision).
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   if 'lr_scale' in state:  # Sweeps: `tx` has learning rate 1, the state holds the run's.
     updates = jax.tree.map(lambda u: u * state['lr_scale'].astype(u.dtype), updates)
@@ -188,7 +199,8 @@ def teacher_step(state, frozen, root_key, images, labels, *, model, tx, axis_nam
     loss = losses.cross_entropy_loss(logits, labels, axis_name=axis_name)
     return loss, (logits, new_parts)
 
-  (loss, (logits, new_parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  (loss, (logits, new_parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], model.dtype))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   if axis_name is not None:
     accuracy = jax.lax.pmean(accuracy, axis_name)
@@ -247,7 +259,8 @@ def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_siz
       total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
     return total, (aux, updates['batch_stats'])
 
-  (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], generator.dtype))
   refresh = state['step'] % epoch_length == 1
   new_refs = jnp.where(refresh, jnp.stack([aux['one_hot'], aux['information_entropy']]),
                        state['loss_refs']).astype(state['loss_refs'].dtype)
@@ -269,7 +282,8 @@ def student_step(state, frozen, root_key, *, generator, teacher, student, tx, ba
     loss = losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
     return loss, new_parts
 
-  (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], student.dtype))
   return _apply_gradients(state, grads, tx, axis_name, loss, **new_parts), {'kd': loss}
 
 
@@ -300,7 +314,7 @@ def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_genera
     return total, (aux, updates['batch_stats'], images, logits)
 
   (g_total, (aux, g_stats, images, teacher_logits)), g_grads = jax.value_and_grad(
-      generator_loss, has_aux=True)(g_state['params'])
+      generator_loss, has_aux=True)(_in_compute_precision(g_state['params'], generator.dtype))
   images, teacher_logits = jax.lax.stop_gradient((images, teacher_logits))
 
   def student_loss(params):
@@ -308,7 +322,8 @@ def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_genera
     return losses.kd_loss(student_logits, teacher_logits, temperature,
                           axis_name=axis_name), new_parts
 
-  (kd, s_parts), s_grads = jax.value_and_grad(student_loss, has_aux=True)(s_state['params'])
+  (kd, s_parts), s_grads = jax.value_and_grad(student_loss, has_aux=True)(
+      _in_compute_precision(s_state['params'], student.dtype))
   g_state = _apply_gradients(g_state, g_grads, tx_generator, axis_name, g_total,
                              batch_stats=g_stats)
   s_state = _apply_gradients(s_state, s_grads, tx_student, axis_name, kd, **s_parts)

@@ -80,6 +80,25 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert 0 < jnp.linalg.norm(logits_bf16 - logits) / jnp.linalg.norm(logits) < 3e-2
 
 
+@pytest.mark.parametrize('name', ['lenet5', 'wrn_10_1'])
+def test_float64_compute_returns_float64_for_float32_images(name):
+  """config.dtype='float64' on dataset images (float32): nothing rounded back to float32,
+  or the teacher's loss and gradients would carry float32 rounding (which differs
+  between device splits of the batch and which Adam's first steps amplify)."""
+  with jax.enable_x64(True):
+    model = models.create_classifier(name, 10, jnp.float64)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 1), jnp.float32)
+    variables = model.init(jax.random.key(1), images)
+    logits, features = model.apply(variables, images)
+    assert logits.dtype == features.dtype == jnp.float64
+    expected = model.apply(variables, images.astype(jnp.float64))[0]
+    np.testing.assert_array_equal(logits, expected)
+    z = jax.random.normal(jax.random.key(2), (2, 100), jnp.float32)
+    generator = models.Generator(dtype=jnp.float64)
+    variables = generator.init(jax.random.key(3), z)
+    assert generator.apply(variables, z, train=False).dtype == jnp.float64
+
+
 def test_convs_before_batchnorm_have_no_bias():
   """A bias that the next BatchNorm cancels would only drift (see Generator's docstring)."""
   variables = models.Generator().init(jax.random.key(0), jnp.zeros((2, 100)))
@@ -110,3 +129,25 @@ def test_batchnorm_classifier_modes(name, features):
   # Fresh running statistics (mean 0, var 1) make inference differ from batch statistics.
   inference, _ = model.apply(variables, x, train=False)
   assert not np.allclose(inference, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize('name', ['generator', 'lenet5', 'lenet5_half'])
+def test_initialisation_is_pytorch_default(name):
+  """The authors' networks keep PyTorch's default init: every weight and bias uniform in
+  +-1/sqrt(fan_in) (standard deviation bound/sqrt(3)), not Flax's LeCun-normal and zeros."""
+  if name == 'generator':
+    model, inputs = models.Generator(image_size=32, channels=1), jnp.zeros((2, 100))
+    fan_ins = {'project': 100, 'conv1': 9 * 128, 'conv2': 9 * 128, 'conv3': 9 * 64}
+  else:
+    model, inputs = models.create_classifier(name, 10), jnp.zeros((1, 32, 32, 1))
+    c1, c2, c3, hidden = model.widths
+    fan_ins = {'conv1': 25, 'conv2': 25 * c1, 'conv3': 25 * c2, 'fc1': c3, 'fc2': hidden}
+  params = model.init(jax.random.key(0), inputs)['params']
+  for layer, fan_in in fan_ins.items():
+    bound = 1 / np.sqrt(fan_in)
+    for kind, values in params[layer].items():
+      values = np.asarray(values)
+      assert np.abs(values).max() <= bound, (layer, kind)
+      if values.size >= 100:
+        np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.15,
+                                   err_msg=f'{layer}/{kind}')
