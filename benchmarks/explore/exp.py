@@ -9,7 +9,7 @@ and --student_torch_init re-drew the generator's and the student's parameters as
 does (since then the default). --flax_init re-draws them as Flax's default.
 """
 import argparse, functools, json, time
-import jax, jax.numpy as jnp, numpy as np
+import jax, numpy as np
 from rdskd_jax import train, data
 from configs import mnist
 
@@ -49,36 +49,30 @@ print(a.tag, 'teacher val acc', (tpred == vy).mean(), flush=True)
 def root(stage):
   return jax.random.fold_in(jax.random.key(config.seed), train._STAGE_KEYS[stage])
 
-def flax_reinit(params, seed):
-  from flax import traverse_util
+def redraw(params, seed, pytorch):
+  """Every dense and conv layer re-drawn: PyTorch's default (weights and biases uniform in
+  +-1/sqrt(fan_in), models.torch_*_init) or Flax's (LeCun-normal weights, zero biases).
+  Leaf i draws from fold_in(key(seed), i) over the sorted leaves; BatchNorm is kept."""
+  from flax import linen as nn, traverse_util
+  from rdskd_jax import models
   flat = traverse_util.flatten_dict(params, sep='/')
-  key = jax.random.key(seed)
+  kernel_init = models.torch_kernel_init if pytorch else nn.initializers.lecun_normal()
+  fans = {k.rsplit('/', 1)[0]: int(np.prod(v.shape[:-1])) for k, v in flat.items()
+          if k.endswith('kernel')}
   for i, (k, v) in enumerate(sorted(flat.items())):
+    key, layer = jax.random.fold_in(jax.random.key(seed), i), k.rsplit('/', 1)[0]
     if k.endswith('kernel'):
-      fan_in = int(np.prod(v.shape[:-1]))
-      flat[k] = jax.random.truncated_normal(jax.random.fold_in(key, i), -2, 2, v.shape) * np.sqrt(1 / fan_in) / .87962566
-    elif k.endswith('bias') and not k.startswith('BatchNorm'):
-      flat[k] = jnp.zeros_like(v)
+      flat[k] = kernel_init(key, v.shape)
+    elif k.endswith('bias') and layer in fans:
+      flat[k] = models.torch_bias_init(fans[layer])(key, v.shape) if pytorch else 0 * v
   return traverse_util.unflatten_dict(flat, sep='/')
 
 t0 = time.perf_counter()
 state, step_fn = train.generator_setup(config, generator, teacher)
 if a.flax_init:
-  state['params'] = flax_reinit(state['params'], 3000 + a.seed)
+  state['params'] = redraw(state['params'], 3000 + a.seed, pytorch=False)
 if a.torch_init:
-  from flax import traverse_util
-  flat = traverse_util.flatten_dict(state['params'], sep='/')
-  key = jax.random.key(1000 + a.seed)
-  for i, (k, v) in enumerate(sorted(flat.items())):
-    kk = jax.random.fold_in(key, i)
-    if k.endswith('kernel'):
-      fan_in = int(np.prod(v.shape[:-1]))
-      flat[k] = jax.random.uniform(kk, v.shape, minval=-1, maxval=1) / np.sqrt(fan_in)
-    elif k.endswith('bias') and not k.startswith('BatchNorm'):
-      fan_in = {'project/bias': 100, 'conv3/bias': 576}[k]
-      flat[k] = jax.random.uniform(kk, v.shape, minval=-1, maxval=1) / np.sqrt(fan_in)
-    print('init', k, v.shape, float(jnp.std(v)), '->', float(jnp.std(flat[k])))
-  state['params'] = traverse_util.unflatten_dict(flat, sep='/')
+  state['params'] = redraw(state['params'], 1000 + a.seed, pytorch=True)
 step = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=0)
 frozen = {'teacher': tv}
 rk = root('generator')
@@ -94,16 +88,9 @@ tgen = time.perf_counter() - t0
 t1 = time.perf_counter()
 state, step_fn = train.student_setup(config, 1, generator, teacher, student)
 if a.student_torch_init:
-  from flax import traverse_util
-  flat = traverse_util.flatten_dict(state['params'], sep='/')
-  key = jax.random.key(2000 + a.seed)
-  fans = {kk.rsplit('/', 1)[0]: int(np.prod(v.shape[:-1])) for kk, v in flat.items() if kk.endswith('kernel')}
-  for i, (k, v) in enumerate(sorted(flat.items())):
-    fan_in = fans[k.rsplit('/', 1)[0]]
-    flat[k] = jax.random.uniform(jax.random.fold_in(key, i), v.shape, minval=-1, maxval=1) / np.sqrt(fan_in)
-  state['params'] = traverse_util.unflatten_dict(flat, sep='/')
+  state['params'] = redraw(state['params'], 2000 + a.seed, pytorch=True)
 if a.flax_init:
-  state['params'] = flax_reinit(state['params'], 4000 + a.seed)
+  state['params'] = redraw(state['params'], 4000 + a.seed, pytorch=False)
 if a.save:
   import pickle
   pickle.dump(jax.device_get(gv), open(a.save, 'wb'))
