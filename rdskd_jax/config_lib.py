@@ -83,6 +83,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.student.decay_epochs = ()
   c.student.decay_factor = 0.1
   c.student.temperature = 10.0      # KD temperature T.
+  c.student.generator_batchnorm = 'running'  # The frozen generator's BatchNorm in the
+  # student stage: 'running' statistics (inference mode, the authors' code) or each 'batch''s
+  # own (as in the generator's training and DAFL's student updates). generated_agreement,
+  # the diagnostics and samples.png sample the same way.
   c.student.eval_every = 0          # Log test accuracy every N steps (reporting only); 0: never.
   c.student.agreement_samples = 4096  # Generated samples for report's generated_agreement.
 
@@ -249,6 +253,9 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
              cfg.decay_epochs, 'increasing positive epoch numbers')
     _require(cfg.weight_decay >= 0 and 0 <= cfg.momentum < 1, f'{stage}.weight_decay',
              (cfg.weight_decay, cfg.momentum), 'weight_decay >= 0 and 0 <= momentum < 1')
+  _require(config.student.generator_batchnorm in models.GENERATOR_BATCHNORM,
+           'student.generator_batchnorm', config.student.generator_batchnorm,
+           ' or '.join(map(repr, models.GENERATOR_BATCHNORM)))
   _require(0 <= config.teacher.max_shift and (config.image_size == 0 or
            config.teacher.max_shift < config.image_size // 2), 'teacher.max_shift',
            config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdskd_jax import models
+
 
 def class_coverage(predicted: np.ndarray, num_classes: int) -> Dict[str, float]:
   """Entropy (nats) of the predicted-class histogram and the smallest class share."""
@@ -84,9 +86,10 @@ def teacher_outputs(teacher, teacher_vars, images, batch_size: int = 500):
 
 
 def generated_images(generator, generator_vars, latent_dim: int, key, num_samples: int,
-                     batch_size: int = 500):
-  """`num_samples` images of the generator in inference mode, from noise drawn from `key`."""
-  apply = jax.jit(lambda z: generator.apply(generator_vars, z, train=False))
+                     batch_size: int = 500, batchnorm: str = 'running'):
+  """`num_samples` images of the generator from noise drawn from `key`, `batch_size` at a
+  time, its BatchNorm in `batchnorm` mode (models.generate)."""
+  apply = jax.jit(lambda z: models.generate(generator, generator_vars, z, batchnorm))
   z = jax.random.normal(key, (num_samples, latent_dim))
   return np.concatenate([np.asarray(apply(z[i:i + batch_size]))
                          for i in range(0, num_samples, batch_size)])
@@ -101,10 +104,13 @@ def sample_statistics(probs: np.ndarray, features: np.ndarray) -> Dict[str, floa
 
 
 def generator_diagnostics(generator, generator_vars, teacher, teacher_vars, latent_dim: int,
-                          key, num_samples: int, test_images=None) -> Dict[str, float]:
-  """All diagnostics on `num_samples` fixed generated samples; the Frechet distance to
-  the real test split's features when `test_images` is given."""
-  images = generated_images(generator, generator_vars, latent_dim, key, num_samples)
+                          key, num_samples: int, test_images=None, batch_size: int = 500,
+                          batchnorm: str = 'running') -> Dict[str, float]:
+  """All diagnostics on `num_samples` fixed generated samples (drawn as generated_images
+  draws them); the Frechet distance to the real test split's features when `test_images`
+  is given."""
+  images = generated_images(generator, generator_vars, latent_dim, key, num_samples,
+                            batch_size, batchnorm)
   probs, features = teacher_outputs(teacher, teacher_vars, images)
   result = {'samples': num_samples, **sample_statistics(probs, features)}
   if test_images is not None:

@@ -343,6 +343,27 @@ class NarrowConv3x3(nn.Module):
     return out + bias.astype(out.dtype)
 
 
+GENERATOR_BATCHNORM = ('running', 'batch')
+
+
+def generate(generator, variables, z, batchnorm: str = 'running', axis_name=None):
+  """Images of a trained generator from noise `z`, its variables unchanged.
+
+  batchnorm='running': BatchNorm normalises with its running statistics (inference mode, as
+  the authors' student-train.py samples). 'batch': every call's batch is normalised by its
+  own statistics, as in the generator's training and in DAFL's student updates; over the
+  global batch when `axis_name` names the data-parallel axis. The statistics of a batch
+  depend on its size: the student stage draws `student.batch_size` samples per call.
+  """
+  if batchnorm == 'running':
+    return generator.apply(variables, z, train=False)
+  if batchnorm != 'batch':
+    raise ValueError(f'batchnorm={batchnorm!r}; expected one of {GENERATOR_BATCHNORM}')
+  images, _ = generator.clone(axis_name=axis_name).apply(variables, z, train=True,
+                                                         mutable=['batch_stats'])
+  return images
+
+
 class Generator(nn.Module):
   """The DAFL generator used by RDSKD, NHWC.
 

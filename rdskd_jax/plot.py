@@ -20,12 +20,14 @@ def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_
                  key, num_samples: int = 512, per_class: int = 8) -> None:
   """A grid with one row per class: generated images the teacher assigns to that class.
 
-  Images come from the trained generator in inference mode; rows with fewer than
+  Images come from the trained generator as the student stage draws them (its BatchNorm
+  mode and, in 'batch' mode, its batch size: train.sampling); rows with fewer than
   `per_class` samples (a class the generator rarely produces) stay partly empty, which is
   itself a diagnostic.
   """
-  z = jax.random.normal(key, (num_samples, latent_dim))
-  images = generator.apply(generator_vars, z, train=False)
+  from rdskd_jax import diagnostics, train  # noqa: E402  (jax and tfds only when drawing)
+  images = diagnostics.generated_images(generator, generator_vars, latent_dim, key,
+                                        num_samples, **train.sampling(config))
   logits, _ = teacher.apply(teacher_vars, images, train=False)
   probs = np.asarray(jax.nn.softmax(logits))
   predicted = probs.argmax(-1)

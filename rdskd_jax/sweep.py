@@ -229,7 +229,7 @@ def run_group(configs, workdir, teacher, generator, student, teacher_vars, chann
         'generated_agreement': train.generated_agreement(
             generator, g, teacher, teacher_vars, student, s, config.generator.latent_dim,
             jax.random.fold_in(jax.random.key(config.seed), train._STAGE_KEYS['fidelity']),
-            num_samples=config.student.agreement_samples)})
+            num_samples=config.student.agreement_samples, **train.sampling(config))})
   return results, seconds
 
 

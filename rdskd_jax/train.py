@@ -270,10 +270,11 @@ def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_siz
 
 
 def student_step(state, frozen, root_key, *, generator, teacher, student, tx, batch_size,
-                 latent_dim, temperature, axis_name):
-  """One KD step of the student on fresh samples of the frozen generator."""
+                 latent_dim, temperature, axis_name, generator_batchnorm='running'):
+  """One KD step of the student on fresh samples of the frozen generator (its BatchNorm
+  in `generator_batchnorm` mode, models.generate)."""
   z = _local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
-  images = generator.apply(frozen['generator'], z, train=False)
+  images = models.generate(generator, frozen['generator'], z, generator_batchnorm, axis_name)
   teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
   student = student.clone(axis_name=axis_name)
 
@@ -507,16 +508,28 @@ def evaluate(model, variables, images, labels, batch_size: int) -> float:
   return int(counts[0]) / int(counts[1])
 
 
+def sampling(config) -> Dict[str, Any]:
+  """How the student stage samples the generator, as keyword arguments of
+  generated_agreement and of the diagnostics: the BatchNorm mode and, in 'batch' mode,
+  the student's batch size (a batch's statistics depend on its size)."""
+  mode = config.student.generator_batchnorm
+  if mode == 'batch':
+    return {'batchnorm': mode, 'batch_size': config.student.batch_size}
+  return {'batchnorm': mode}
+
+
 def generated_agreement(generator, generator_vars, teacher, teacher_vars, student,
-                        student_vars, latent_dim, key, num_samples=4096, batch_size=512):
+                        student_vars, latent_dim, key, num_samples=4096, batch_size=512,
+                        batchnorm='running'):
   """Share of fresh generated samples on which student and teacher agree (top-1).
 
   A data-free measure of how well the student imitates the teacher, on samples it never
-  trained on; unlike test accuracy it may guide choices of settings.
+  trained on; unlike test accuracy it may guide choices of settings. Samples are drawn
+  `batch_size` at a time, the generator's BatchNorm in `batchnorm` mode (models.generate).
   """
   @jax.jit
   def agree(z):
-    images = generator.apply(generator_vars, z, train=False)
+    images = models.generate(generator, generator_vars, z, batchnorm)
     t = teacher.apply(teacher_vars, images, train=False)[0]
     s = student.apply(student_vars, images, train=False)[0]
     return jnp.sum(jnp.argmax(t, -1) == jnp.argmax(s, -1))
@@ -683,7 +696,8 @@ def student_setup(config, channels: int, generator, teacher, student):
   step_fn = functools.partial(student_step, generator=generator, teacher=teacher,
                               student=student, tx=tx, batch_size=scfg.batch_size,
                               latent_dim=config.generator.latent_dim,
-                              temperature=scfg.temperature)
+                              temperature=scfg.temperature,
+                              generator_batchnorm=scfg.generator_batchnorm)
   return state, step_fn
 
 
@@ -696,9 +710,14 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
               'samples.png', 'curves.png', 'config.json', 'normalization.json', 'tensorboard')
 
 
+# Fields added after runs were written, with the value those runs had: a workdir or
+# report.json without one stands for that value.
+FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running'}
+
+
 def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   """{field: (saved value, new value)} of the fields that change a run's results."""
-  old = traverse_util.flatten_dict(saved, sep='.')
+  old = {**FIELDS_ADDED_LATER, **traverse_util.flatten_dict(saved, sep='.')}
   new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)}
@@ -796,7 +815,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
       # Reporting only (after the generator has trained; nothing reads these back).
       report['diagnostics'] = diagnostics.generator_diagnostics(
           generator, gen_vars, teacher, teacher_vars, gcfg.latent_dim, watch_key,
-          config.diagnostic_samples, test_images=test_images)
+          config.diagnostic_samples, test_images=test_images, **sampling(config))
       log.write('diagnostics', step, report['diagnostics'])
       log.flush()
       _say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in report['diagnostics'].items()))
@@ -841,7 +860,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
   agreement = generated_agreement(
       generator, gen_vars, teacher, teacher_vars, student, student_vars,
       gcfg.latent_dim, jax.random.fold_in(jax.random.key(config.seed), _STAGE_KEYS['fidelity']),
-      num_samples=config.student.agreement_samples)
+      num_samples=config.student.agreement_samples, **sampling(config))
   report['student'] = {'steps': student_steps, 'test_accuracy': accuracy,
                        'generated_agreement': agreement, 'seconds': seconds}
   write_json_atomic(report_path, report)
@@ -876,7 +895,11 @@ def load_run(workdir: str) -> Run:
   if not os.path.exists(report_path) or 'dataset_fields' not in json.load(open(report_path)):
     raise RunStopped(f'{workdir!r} has no report.json of this version: run the job first')
   report = json.load(open(report_path))
-  config = ml_collections.ConfigDict(report['config'])
+  saved = report['config']
+  for field, value in FIELDS_ADDED_LATER.items():
+    section, name = field.split('.')
+    saved.get(section, {}).setdefault(name, value)
+  config = ml_collections.ConfigDict(saved)
   fields = report['dataset_fields']
   teacher, generator, student = build_networks(config, fields['num_classes'], fields['channels'])
   source = config.teacher.checkpoint or os.path.join(workdir, 'teacher_variables')

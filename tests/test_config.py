@@ -40,6 +40,8 @@ def test_unknown_preset():
     ('dtype', 'float16', "config.dtype='float16': expected 'float32' or 'bfloat16'"),
     ('dtype', 'float64', "config.dtype='float64': expected .* float64 needs JAX_ENABLE_X64=1"),
     ('student.model', 'resnet', "config.student.model='resnet': expected one of lenet5"),
+    ('student.generator_batchnorm', 'eval',
+     "config.student.generator_batchnorm='eval': expected 'running' or 'batch'"),
 ])
 def test_bad_values_are_named(field, value, message):
   config = mnist.get_config('smoke')

@@ -39,6 +39,23 @@ def test_generator_output_shape_and_modes(channels):
   assert generator.apply(variables, z, train=False).shape == (4, 32, 32, channels)
 
 
+def test_generate_modes_leave_the_variables_alone():
+  generator = models.Generator()
+  variables = generator.init(jax.random.key(0), jnp.zeros((2, 100)))
+  variables['batch_stats'] = jax.tree.map(lambda v: v + 1.0, variables['batch_stats'])
+  z = jax.random.normal(jax.random.key(1), (8, 100))
+  running = models.generate(generator, variables, z)
+  batch = models.generate(generator, variables, z, 'batch')
+  np.testing.assert_array_equal(running, generator.apply(variables, z, train=False))
+  np.testing.assert_array_equal(
+      batch, generator.apply(variables, z, train=True, mutable=['batch_stats'])[0])
+  assert not np.allclose(running, batch, atol=1e-2)
+  # The final BatchNorm has no scale or bias: in 'batch' mode each channel has mean 0.
+  np.testing.assert_allclose(np.mean(batch, axis=(0, 1, 2)), 0.0, atol=1e-5)
+  with pytest.raises(ValueError, match="batchnorm='train'; expected one of"):
+    models.generate(generator, variables, z, 'train')
+
+
 def test_subpixel_generator_equals_literal_upsample_conv_in_float64():
   with jax.enable_x64(True):
     literal = models.Generator(subpixel=False)

@@ -41,3 +41,53 @@ def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [(r['stage'], r['step']) for r in rows] == [('generator', 2), ('generator', 4),
                                                      ('student', 2)]
+
+
+def _student_steps(config, mode, devices, steps=2):
+  """The student's state after `steps` steps on the smoke networks, from a fresh generator
+  whose running BatchNorm statistics are far from any batch's."""
+  from rdskd_jax import parallel
+  teacher, generator, student = train.build_networks(config, 10, 1)
+  gen_state, _ = train.generator_setup(config, generator, teacher)
+  gen_vars = train.variables_of(gen_state)
+  gen_vars['batch_stats'] = jax.tree.map(lambda v: v + 3.0, gen_vars['batch_stats'])
+  teacher_params, _ = train.classifier_init(teacher, jax.random.key(5), (32, 32, 1))
+  frozen = {'teacher': {'params': teacher_params}, 'generator': gen_vars}
+  state, step_fn = train.student_setup(config, 1, generator, teacher, student)
+  par = parallel.DataParallel(mode, devices)
+  step = par.wrap(step_fn)
+  state, frozen = par.replicate(state), par.replicate(frozen)
+  for _ in range(steps):
+    state, metrics = step(state, frozen, jax.random.key(7))
+  return par.to_host(state), float(par.to_host(metrics)['kd'])
+
+
+def test_generator_batch_statistics_are_global_under_data_parallelism():
+  """student.generator_batchnorm='batch' normalises the global batch: four devices take
+  the one-device step (float64 compute). It is a different step from 'running'."""
+  from configs import mnist
+  with jax.enable_x64(True):
+    config = mnist.get_config('smoke')
+    config.dtype = 'float64'
+    config.student.generator_batchnorm = 'batch'
+    one, kd_one = _student_steps(config, 'none', 1)
+    four, kd_four = _student_steps(config, 'shard_map', 4)
+    config.student.generator_batchnorm = 'running'
+    running, kd_running = _student_steps(config, 'none', 1)
+  np.testing.assert_allclose(kd_four, kd_one, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(four['params']), jax.tree.leaves(one['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert abs(kd_running - kd_one) > 1e-3 * abs(kd_one)
+
+
+def test_workdirs_and_reports_from_before_generator_batchnorm_still_load(tmp_path):
+  """A saved config without student.generator_batchnorm stands for 'running', the only
+  behaviour before the field existed: no difference, so the workdir resumes."""
+  from configs import mnist
+  config = mnist.get_config('smoke')
+  saved = json.loads(json.dumps(config.to_dict()))
+  del saved['student']['generator_batchnorm']
+  assert train.config_differences(saved, config) == {}
+  config.student.generator_batchnorm = 'batch'
+  assert train.config_differences(saved, config) == {
+      'student.generator_batchnorm': ('running', 'batch')}
