@@ -15,6 +15,8 @@ batch 256), with one change at a time to how the student's batch is made:
                          (t mod K)-th.
   --temperature T        the KD temperature.
   --literal              the generator computed literally (subpixel=False; same parameters).
+  --perturb E            the generator's initial parameters multiplied by 1 + E: with E near
+                         float32's epsilon, a change of the size of rounding.
 The student's noise comes from fold_in(stage key, step) split five ways, so the no-change
 run is not bit-equal to the pipeline's student stage. Appends one JSON line per run to
 --results.
@@ -44,6 +46,7 @@ p.add_argument('--mixup', type=float, default=0.0)
 p.add_argument('--snapshots', type=int, default=1)
 p.add_argument('--temperature', type=float, default=10.0)
 p.add_argument('--literal', action='store_true')
+p.add_argument('--perturb', type=float, default=0.0)
 p.add_argument('--results', default='benchmarks/explore/student_variants.jsonl')
 a = p.parse_args()
 
@@ -67,6 +70,7 @@ def stage_key(stage):
 
 t0 = time.perf_counter()
 state, step_fn = train.generator_setup(config, generator, teacher)
+state['params'] = jax.tree.map(lambda x: x * (1 + a.perturb), state['params'])
 step = jax.jit(lambda s, f, k: step_fn(s, f, k, axis_name=None), donate_argnums=0)
 snapshots, every = [], a.generator_steps // a.snapshots
 for i in range(a.generator_steps):
