@@ -715,9 +715,15 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
 FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running'}
 
 
+def with_fields_added_later(saved: Dict[str, Any]) -> Dict[str, Any]:
+  """A saved config (nested dict) with FIELDS_ADDED_LATER filled in where it lacks them."""
+  flat = traverse_util.flatten_dict(saved, sep='.', keep_empty_nodes=True)
+  return traverse_util.unflatten_dict({**FIELDS_ADDED_LATER, **flat}, sep='.')
+
+
 def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   """{field: (saved value, new value)} of the fields that change a run's results."""
-  old = {**FIELDS_ADDED_LATER, **traverse_util.flatten_dict(saved, sep='.')}
+  old = traverse_util.flatten_dict(with_fields_added_later(saved), sep='.')
   new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)}
@@ -895,11 +901,7 @@ def load_run(workdir: str) -> Run:
   if not os.path.exists(report_path) or 'dataset_fields' not in json.load(open(report_path)):
     raise RunStopped(f'{workdir!r} has no report.json of this version: run the job first')
   report = json.load(open(report_path))
-  saved = report['config']
-  for field, value in FIELDS_ADDED_LATER.items():
-    section, name = field.split('.')
-    saved.get(section, {}).setdefault(name, value)
-  config = ml_collections.ConfigDict(saved)
+  config = ml_collections.ConfigDict(with_fields_added_later(report['config']))
   fields = report['dataset_fields']
   teacher, generator, student = build_networks(config, fields['num_classes'], fields['channels'])
   source = config.teacher.checkpoint or os.path.join(workdir, 'teacher_variables')
