@@ -79,6 +79,20 @@ def test_subpixel_generator_equals_literal_upsample_conv_in_float64():
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale)
 
 
+@pytest.mark.parametrize('subpixel', [True, False])
+def test_generator_initial_parameters_do_not_depend_on_x64(subpixel):
+  """The same float32 parameters with and without jax_enable_x64: float64 runs (tests, the
+  float64 reference) start where float32 runs start."""
+  z = jnp.zeros((2, 100), jnp.float32)
+  plain = models.Generator(subpixel=subpixel).init(jax.random.key(0), z)
+  with jax.enable_x64(True):
+    wide = models.Generator(subpixel=subpixel, dtype=jnp.float64).init(
+        jax.random.key(0), z.astype(jnp.float64))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(wide)):
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+
+
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   """config.dtype='bfloat16': the same function to bf16 rounding, float32 where it matters."""
   z = jax.random.normal(jax.random.key(1), (8, 100))

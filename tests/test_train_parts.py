@@ -75,8 +75,10 @@ def test_generator_batch_statistics_are_global_under_data_parallelism():
     config.student.generator_batchnorm = 'running'
     running, kd_running = _student_steps(config, 'none', 1)
   np.testing.assert_allclose(kd_four, kd_one, rtol=1e-6)
+  # The parameters are stored in float32: the two runs end a float32 ulp or two apart
+  # (1.5e-8 seen); another normalisation ('running') ends them 3e-3 apart (median).
   for a, b in zip(jax.tree.leaves(four['params']), jax.tree.leaves(one['params'])):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert abs(kd_running - kd_one) > 1e-3 * abs(kd_one)
 
 

@@ -3,7 +3,7 @@
 
     python -m benchmarks.explore.student_variants --tag=T --teacher=W/teacher_variables \
         [--generator_batchnorm=batch] [--shift=2] [--mixup=0.5] [--snapshots=4] \
-        [--temperature=4] [--literal] [--seed=S]
+        [--temperature=4] [--literal] [--sample=literal|subpixel] [--seed=S]
 
 The `cpu` preset's generator (120 steps) and a student of --steps steps (cosine, Adam 4e-3,
 batch 256), with one change at a time to how the student's batch is made:
@@ -15,6 +15,8 @@ batch 256), with one change at a time to how the student's batch is made:
                          (t mod K)-th.
   --temperature T        the KD temperature.
   --literal              the generator computed literally (subpixel=False; same parameters).
+  --sample FORM          the form that draws the student's images from the trained generator
+                         ('same': the form it trained in; 'literal' or 'subpixel').
   --perturb E            the generator's initial parameters multiplied by 1 + E: with E near
                          float32's epsilon, a change of the size of rounding.
 The student's noise comes from fold_in(stage key, step) split five ways, so the no-change
@@ -46,6 +48,7 @@ p.add_argument('--mixup', type=float, default=0.0)
 p.add_argument('--snapshots', type=int, default=1)
 p.add_argument('--temperature', type=float, default=10.0)
 p.add_argument('--literal', action='store_true')
+p.add_argument('--sample', default='same', choices=['same', 'literal', 'subpixel'])
 p.add_argument('--perturb', type=float, default=0.0)
 p.add_argument('--results', default='benchmarks/explore/student_variants.jsonl')
 a = p.parse_args()
@@ -57,6 +60,7 @@ config.generator.steps = a.generator_steps
 config.generator.subpixel = not a.literal
 config.student.steps, config.student.learning_rate = a.steps, a.learning_rate
 teacher, generator, student = train.build_networks(config, 10, 1)
+sampler = generator if a.sample == 'same' else generator.clone(subpixel=a.sample == 'subpixel')
 teacher_vars = train.restore_teacher(config, teacher, 1)
 images, labels = data.load_split(config, 'train')
 val_x, val_y = images[50000:], labels[50000:]
@@ -102,7 +106,7 @@ def student_step(state, frozen, root_key):
   k_noise, k_shift, _, k_mix, _ = jax.random.split(key, 5)
   z = jax.random.normal(k_noise, (batch, config.generator.latent_dim))
   gen_vars = jax.tree.map(lambda x: x[state['step'] % a.snapshots], frozen['generators'])
-  x = models.generate(generator, gen_vars, z, a.generator_batchnorm)
+  x = models.generate(sampler, gen_vars, z, a.generator_batchnorm)
   if a.shift:
     x = shifted(k_shift, x, a.shift)
   if a.mixup:
@@ -128,7 +132,7 @@ for i in range(a.steps):
     student_vars = train.variables_of(state)
     accuracy = train.evaluate(student, student_vars, val_x, val_y, 1000)
     agreement = train.generated_agreement(
-        generator, generator_vars, teacher, teacher_vars, student, student_vars, 100,
+        sampler, generator_vars, teacher, teacher_vars, student, student_vars, 100,
         jax.random.key(99), 2048, batchnorm=a.generator_batchnorm)
     rows.append((i + 1, accuracy, agreement, float(metrics['kd'])))
     print(a.tag, 'student', *rows[-1], flush=True)
