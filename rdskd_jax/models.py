@@ -51,10 +51,7 @@ def create_classifier(name: str, num_classes: int, dtype: Any = None) -> nn.Modu
 # default (LeCun-normal weights, 3x the variance, and zero biases), and the difference
 # changes what the generator learns: the BatchNorms with epsilon 0.8 are not scale
 # invariant, so the weights' scale sets the contrast before the tanh.
-# Both draw float32 unless told otherwise, also under jax_enable_x64 (where the library
-# default would be float64 draws): parameters are float32 in every mode.
-torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform',
-                                                     dtype=jnp.float32)
+torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
 def torch_bias_init(fan_in: int):
@@ -304,7 +301,7 @@ class UpsampleConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     cin = x.shape[-1]
-    kernel = self.param('kernel', torch_kernel_init, (3, 3, cin, self.features))
+    kernel = self.param('kernel', torch_kernel_init, (3, 3, cin, self.features), jnp.float32)
     kernel = kernel.astype(x.dtype)
     if not self.subpixel:
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -322,7 +319,7 @@ class UpsampleConv(nn.Module):
   def _add_bias(self, y, cin):
     if not self.use_bias:
       return y
-    bias = self.param('bias', torch_bias_init(9 * cin), (self.features,))
+    bias = self.param('bias', torch_bias_init(9 * cin), (self.features,), jnp.float32)
     return y + bias.astype(y.dtype)
 
 
@@ -337,8 +334,8 @@ class NarrowConv3x3(nn.Module):
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
-    kernel = self.param('kernel', torch_kernel_init, (3, 3, c, self.features))
-    bias = self.param('bias', torch_bias_init(9 * c), (self.features,))
+    kernel = self.param('kernel', torch_kernel_init, (3, 3, c, self.features), jnp.float32)
+    bias = self.param('bias', torch_bias_init(9 * c), (self.features,), jnp.float32)
     taps = jnp.transpose(kernel.astype(x.dtype), (2, 0, 1, 3)).reshape(c, 9 * self.features)
     y = (x.reshape(-1, c) @ taps).reshape(n, h, w, 3, 3, self.features)
     y = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
