@@ -20,7 +20,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rdskd_jax import plot, train
+from rdskd_jax import metrics, plot, runner, stages, train
+from rdskd_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -34,15 +35,16 @@ def main(argv):
   config = _CONFIG.value
   par = train.setup_parallel(config)
   channels = len(config.mean)
-  teacher, generator, _ = train.build_networks(config, _NUM_CLASSES.value, channels)
-  teacher_vars = train.restore_teacher(config, teacher, channels)
-  state, step_fn = train.generator_setup(config, generator, teacher)
+  teacher, generator, _ = stages.build_networks(config, _NUM_CLASSES.value, channels)
+  teacher_vars = workdir_lib.restore_teacher(config, teacher, channels)
+  state, step_fn = stages.generator_setup(config, generator, teacher)
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  log = train.MetricsLog(_WORKDIR.value)
+  log = metrics.MetricsLog(_WORKDIR.value)
   t0 = time.perf_counter()
-  state, seconds = train._run_stage('generator', config, _WORKDIR.value, par, state,
+  state, seconds = runner.run_stage('generator', config, _WORKDIR.value, par, state,
                                     {'teacher': teacher_vars}, step_fn,
-                                    config.generator.steps, log)
+                                    config.generator.steps, log,
+                                    stages.stage_key(config, 'generator'))
   wall = time.perf_counter() - t0
   rows = [json.loads(line) for line in open(log.path) if '"generator"' in line]
   gen_vars = {'params': state['params'], 'batch_stats': state['batch_stats']}

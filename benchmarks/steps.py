@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from rdskd_jax import train
+from rdskd_jax import stages, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch of both steps; 0: the config\'s.')
@@ -55,12 +55,12 @@ def main(argv):
     raise app.UsageError('benchmarks.steps needs config.mean and config.image_size set (the '
                          'channels and size of the images); the generic config leaves them '
                          'to the dataset')
-  teacher, generator, student = train.build_networks(config, _NUM_CLASSES.value, channels)
+  teacher, generator, student = stages.build_networks(config, _NUM_CLASSES.value, channels)
   image = jnp.zeros((1, config.image_size, config.image_size, channels))
   teacher_vars = teacher.init(jax.random.key(1), image)
-  gen_state, gen_step = train.generator_setup(config, generator, teacher)
+  gen_state, gen_step = stages.generator_setup(config, generator, teacher)
   gen_vars = {'params': gen_state['params'], 'batch_stats': gen_state['batch_stats']}
-  student_state, student_step = train.student_setup(config, channels, generator, teacher,
+  student_state, student_step = stages.student_setup(config, channels, generator, teacher,
                                                     student)
   runs = {'generator': (gen_step, gen_state, {'teacher': teacher_vars}),
           'student': (student_step, student_state,

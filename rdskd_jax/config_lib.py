@@ -4,14 +4,11 @@ import jax
 import ml_collections
 
 from rdskd_jax import models, parallel
+from rdskd_jax.errors import ConfigError
 
 
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'step')
-
-
-class ConfigError(ValueError):
-  """A config value that cannot run; the message names the field, value and expectation."""
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:

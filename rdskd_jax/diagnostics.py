@@ -19,6 +19,7 @@ The functions on arrays are pure numpy (float64); `generator_diagnostics` draws 
 samples and runs the networks.
 """
 
+import functools
 from typing import Dict
 
 import jax
@@ -73,25 +74,32 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
   return float(max(value, 0.0))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_probs_and_features(teacher, teacher_vars, images):
+  logits, features = teacher.apply(teacher_vars, images, train=False)
+  return jax.nn.softmax(logits.astype(jnp.float32)), features.astype(jnp.float32)
+
+
 def teacher_outputs(teacher, teacher_vars, images, batch_size: int = 500):
   """(softmax probabilities, penultimate features) of the teacher in inference mode."""
-  @jax.jit
-  def run(x):
-    logits, features = teacher.apply(teacher_vars, x, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32)), features.astype(jnp.float32)
-
-  outputs = [run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+  outputs = [_teacher_probs_and_features(teacher, teacher_vars, images[i:i + batch_size])
+             for i in range(0, len(images), batch_size)]
   return (np.concatenate([np.asarray(p) for p, _ in outputs]),
           np.concatenate([np.asarray(f) for _, f in outputs]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _generate(generator, generator_vars, z, batchnorm):
+  return models.generate(generator, generator_vars, z, batchnorm)
 
 
 def generated_images(generator, generator_vars, latent_dim: int, key, num_samples: int,
                      batch_size: int = 500, batchnorm: str = 'running'):
   """`num_samples` images of the generator from noise drawn from `key`, `batch_size` at a
   time, its BatchNorm in `batchnorm` mode (models.generate)."""
-  apply = jax.jit(lambda z: models.generate(generator, generator_vars, z, batchnorm))
   z = jax.random.normal(key, (num_samples, latent_dim))
-  return np.concatenate([np.asarray(apply(z[i:i + batch_size]))
+  return np.concatenate([np.asarray(_generate(generator, generator_vars,
+                                              z[i:i + batch_size], batchnorm))
                          for i in range(0, num_samples, batch_size)])
 
 

@@ -23,7 +23,7 @@ def _global_sum(x, axis_name: Optional[str]):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _global_mean(x, axis_name: Optional[str], axis: int = 0):
+def global_mean(x, axis_name: Optional[str], axis: int = 0):
   """Mean over `axis` of the global batch (every device holds an equal share)."""
   local = jnp.mean(x, axis=axis)
   return local if axis_name is None else jax.lax.pmean(local, axis_name)
@@ -37,7 +37,7 @@ def one_hot_loss(teacher_logits, *, axis_name: Optional[str] = None):
   """
   log_probs = jax.nn.log_softmax(teacher_logits, axis=-1)
   per_sample = -jnp.max(log_probs, axis=-1)  # log-softmax is largest at the argmax.
-  return _global_mean(per_sample, axis_name)
+  return global_mean(per_sample, axis_name)
 
 
 def information_entropy_loss(teacher_logits, *, axis_name: Optional[str] = None):
@@ -49,7 +49,7 @@ def information_entropy_loss(teacher_logits, *, axis_name: Optional[str] = None)
   A class whose mean probability underflows to 0 (a saturated teacher) contributes its
   limit 0 ln 0 = 0, with zero gradient, where the literal formula gives NaN.
   """
-  mean_probs = _global_mean(jax.nn.softmax(teacher_logits, axis=-1), axis_name)
+  mean_probs = global_mean(jax.nn.softmax(teacher_logits, axis=-1), axis_name)
   positive = mean_probs > 0
   safe = jnp.where(positive, mean_probs, 1.0)  # No log(0) even in the unselected branch.
   return jnp.sum(jnp.where(positive, mean_probs * jnp.log(safe), 0.0))
@@ -102,14 +102,14 @@ def kd_loss(student_logits, teacher_logits, temperature, *,
   log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
   log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
   per_sample = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-  return temperature**2 * _global_mean(per_sample, axis_name)
+  return temperature**2 * global_mean(per_sample, axis_name)
 
 
 def cross_entropy_loss(logits, labels, *, axis_name: Optional[str] = None):
   """Mean cross-entropy against integer labels (teacher training on real data)."""
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   per_sample = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-  return _global_mean(per_sample, axis_name)
+  return global_mean(per_sample, axis_name)
 
 
 # ------------------------------------------------------------------ DAFL and BN prior
@@ -119,7 +119,7 @@ def activation_loss(teacher_features, *, axis_name: Optional[str] = None):
   """DAFL's activation loss L_a = -mean |f| over the batch and the features f of the
   teacher's penultimate layer (real images excite the teacher's features strongly)."""
   per_sample = jnp.mean(jnp.abs(teacher_features), axis=-1)
-  return -_global_mean(per_sample, axis_name)
+  return -global_mean(per_sample, axis_name)
 
 
 def dafl_generator_loss(teacher_logits, teacher_features, alpha, beta, *,

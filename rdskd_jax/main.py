@@ -11,6 +11,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rdskd_jax import train
+from rdskd_jax.errors import ConfigError, DataError, Preempted, RunStopped
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally :preset.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and report.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show tracebacks of errors.')
@@ -49,15 +52,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
-  from rdskd_jax import config_lib, data, train  # After flags: importing jax is slow.
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
-  except (config_lib.ConfigError, data.DataError, train.RunStopped) as e:
+  except (ConfigError, DataError, RunStopped) as e:
     if _VERBOSE.value:
       raise
-    preempted = isinstance(e, train.Preempted)
+    preempted = isinstance(e, Preempted)
     print(f'{"stopped" if preempted else "error"}: {e}', file=sys.stderr)
-    sys.exit(143 if preempted else 3 if isinstance(e, train.RunStopped) else 2)
+    sys.exit(143 if preempted else 3 if isinstance(e, RunStopped) else 2)
 
 
 if __name__ == '__main__':

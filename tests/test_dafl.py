@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import config_lib, losses, train
+from rdskd_jax import config_lib, losses, train, train_steps
+from rdskd_jax import workdir as workdir_lib
 
 
 def test_activation_loss_is_minus_mean_absolute_feature():
@@ -61,7 +62,7 @@ def test_bn_prior_compares_batch_and_running_statistics_of_each_layer_input():
   variables = {'params': variables['params'], 'batch_stats': {'bn': {
       'mean': jnp.asarray(rng.normal(size=4), jnp.float32),
       'var': jnp.asarray(rng.uniform(0.5, 2.0, size=4), jnp.float32)}}}
-  logits, _, prior = train.teacher_forward(model, variables, images, bn_prior=True)
+  logits, _, prior = train_steps.teacher_forward(model, variables, images, bn_prior=True)
   inputs = np.asarray(nn.Conv(4, (3, 3)).apply({'params': variables['params']['conv']}, images),
                       np.float64).reshape(-1, 4)
   stats = variables['batch_stats']['bn']
@@ -70,10 +71,10 @@ def test_bn_prior_compares_batch_and_running_statistics_of_each_layer_input():
   np.testing.assert_allclose(prior, expected, rtol=1e-5)
   np.testing.assert_allclose(logits, model.apply(variables, images)[0], rtol=1e-6)
   # Data parallel: four shards of the batch see the statistics of the whole batch.
-  sharded = jax.vmap(lambda x: train.teacher_forward(model, variables, x, bn_prior=True,
+  sharded = jax.vmap(lambda x: train_steps.teacher_forward(model, variables, x, bn_prior=True,
                                                      axis_name='d')[2], axis_name='d')
   np.testing.assert_allclose(sharded(images.reshape(4, 2, 6, 6, 2)), prior, rtol=1e-5)
-  _, _, none = train.teacher_forward(model, variables, images, bn_prior=False)
+  _, _, none = train_steps.teacher_forward(model, variables, images, bn_prior=False)
   assert float(none) == 0.0
 
 
@@ -102,5 +103,5 @@ def test_dafl_smoke_end_to_end(smoke_config, tmp_path):
   assert [r['step'] for r in joint if 'test_accuracy' in r] == [3, 6]
   assert not [r for r in rows if r['stage'] in ('generator', 'student')]
   assert os.path.getsize(os.path.join(tmp_path, 'curves.png')) > 1000
-  run = train.load_run(str(tmp_path))
+  run = workdir_lib.load_run(str(tmp_path))
   assert run.student_vars is not None and run.config.method == 'dafl'

@@ -7,24 +7,24 @@ import zipfile
 import numpy as np
 import pytest
 
-from rdskd_jax import data
+from rdskd_jax import data, prepare
 
 
 def _wheel_with(path, member_bytes):
   with zipfile.ZipFile(path, 'w') as wheel:
-    wheel.writestr(data.MNIST_WHEEL_MEMBER, member_bytes)
+    wheel.writestr(prepare.MNIST_WHEEL_MEMBER, member_bytes)
   return str(path)
 
 
 def test_real_wheel_passes_the_checksum(mnist_wheel):
-  assert data.sha256_of(data.read_mnist_pickle(mnist_wheel)) == data.MNIST_PICKLE_SHA256
+  assert prepare.sha256_of(prepare.read_mnist_pickle(mnist_wheel)) == prepare.MNIST_PICKLE_SHA256
 
 
 def test_corrupted_pickle_is_refused(tmp_path, mnist_wheel):
-  genuine = data.read_mnist_pickle(mnist_wheel)
+  genuine = prepare.read_mnist_pickle(mnist_wheel)
   corrupted = genuine[:1000] + bytes([genuine[1000] ^ 1]) + genuine[1001:]
   with pytest.raises(data.DataError, match='checksum mismatch'):
-    data.read_mnist_pickle(_wheel_with(tmp_path / 'bad.whl', corrupted))
+    prepare.read_mnist_pickle(_wheel_with(tmp_path / 'bad.whl', corrupted))
 
 
 def test_wheel_without_the_data_is_refused(tmp_path):
@@ -32,25 +32,25 @@ def test_wheel_without_the_data_is_refused(tmp_path):
   with zipfile.ZipFile(path, 'w') as wheel:
     wheel.writestr('other.txt', b'')
   with pytest.raises(data.DataError, match='cannot read'):
-    data.read_mnist_pickle(str(path))
+    prepare.read_mnist_pickle(str(path))
 
 
 def test_rebuilt_idx_files_are_checked(mnist_wheel):
-  files = data.mnist_idx_from_pickle(data.read_mnist_pickle(mnist_wheel))
-  assert {n: data.sha256_of(c) for n, c in files.items()} == data.MNIST_IDX_SHA256
+  files = prepare.mnist_idx_from_pickle(prepare.read_mnist_pickle(mnist_wheel))
+  assert {n: prepare.sha256_of(c) for n, c in files.items()} == prepare.MNIST_IDX_SHA256
   tiny = [(np.zeros((2, 784), np.float32), np.zeros(2, np.int64))] * 3
   with pytest.raises(data.DataError, match='not the expected one'):
-    data.mnist_idx_from_pickle(gzip.compress(pickle.dumps(tiny)))
+    prepare.mnist_idx_from_pickle(gzip.compress(pickle.dumps(tiny)))
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
   with pytest.raises(data.DataError, match="unknown dataset 'not_a_dataset'"):
-    data.ensure_prepared('not_a_dataset', str(tmp_path))
+    prepare.ensure_prepared('not_a_dataset', str(tmp_path))
 
 
 def test_no_offline_recipe_for_other_datasets(tmp_path):
   with pytest.raises(data.DataError, match='no offline recipe'):
-    data.prepare_offline('cifar10', str(tmp_path))
+    prepare.prepare_offline('cifar10', str(tmp_path))
 
 
 def test_raw_files_are_named_and_checked_before_use(tmp_path):
@@ -60,11 +60,11 @@ def test_raw_files_are_named_and_checked_before_use(tmp_path):
   raw.mkdir()
   with pytest.raises(data.DataError, match=r"lacks extra_32x32.mat, test_32x32.mat, "
                                            r"train_32x32.mat: dataset 'svhn_cropped' needs"):
-    data.prepare_from_raw('svhn_cropped', str(raw), str(tmp_path / 'tfds'))
+    prepare.prepare_from_raw('svhn_cropped', str(raw), str(tmp_path / 'tfds'))
   (raw / 'cifar-10-binary.tar.gz').write_bytes(b'not the archive')
   with pytest.raises(data.DataError, match=r'15 bytes with sha256 [0-9a-f]{64}, expected '
                                            r'170052171 bytes with sha256 c4a38c50'):
-    data.prepare_from_raw('cifar10', str(raw), str(tmp_path / 'tfds'))
+    prepare.prepare_from_raw('cifar10', str(raw), str(tmp_path / 'tfds'))
 
 
 def test_test_split_shapes_and_normalisation(smoke_config):
@@ -86,15 +86,15 @@ def test_train_split_can_be_sliced(smoke_config):
 
 def test_main_path_builds_mnist_offline_without_hanging(tmp_path):
   """What the main job does on a fresh machine with no route to tfds's download host."""
-  if data._hosts_reachable(['https://storage.googleapis.com/cvdf-datasets/mnist/x']):
+  if prepare._hosts_reachable(['https://storage.googleapis.com/cvdf-datasets/mnist/x']):
     pytest.skip('this machine can reach the MNIST host: tfds would download instead')
-  data.ensure_prepared('mnist', str(tmp_path))
+  prepare.ensure_prepared('mnist', str(tmp_path))
   import tensorflow_datasets as tfds
   assert tfds.builder('mnist', data_dir=str(tmp_path)).is_prepared()
 
 
 def test_dataset_without_recipe_and_no_route_is_a_clear_error(tmp_path):
-  if data._hosts_reachable(['https://www.cs.toronto.edu/x']):
+  if prepare._hosts_reachable(['https://www.cs.toronto.edu/x']):
     pytest.skip('this machine can reach the CIFAR-10 host')
   with pytest.raises(data.DataError, match=r"'cifar10' is not in .*\(cannot reach www\.cs\.toronto\.edu\)"):
-    data.ensure_prepared('cifar10', str(tmp_path))
+    prepare.ensure_prepared('cifar10', str(tmp_path))

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from configs import cifar10, mnist, svhn
 from configs import tfds as tfds_config
-from rdskd_jax import config_lib, data, train
+from rdskd_jax import config_lib, data, train, train_steps
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_step_schedule_multiplies_the_learning_rate_after_its_epochs():
   assert scfg.schedule == 'step' and tuple(scfg.decay_epochs) == (800,)
   scfg.optimizer, scfg.momentum = 'sgd', 0.0  # Plain SGD: the update is -lr * gradient.
   scfg.epoch_length = 1  # Epochs of one step: the same schedule, 120x fewer updates to run.
-  tx = train._optimizer(scfg, scfg.steps, scfg.epoch_length)
+  tx = train_steps.optimizer(scfg, scfg.steps, scfg.epoch_length)
   params = {'w': np.zeros(())}
   state = tx.init(params)
   lrs = []

@@ -5,9 +5,11 @@ logged losses and final train states equal to rounding. And no step recompiles."
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -204,3 +206,66 @@ def test_trace_counter_catches_a_retrace():
   jitted(np.zeros(2))
   with pytest.raises(AssertionError):
     jitted(np.zeros(3))
+
+
+PREEMPTION = ['--config.generator.steps=40', '--config.log_every=4',
+              '--config.checkpoint_every=16']
+
+
+def _two_processes(data_dir, workdir, port):
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, RDSKD_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid),
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'rdskd_jax.main', '--config=configs/mnist.py:smoke',
+         f'--config.data_dir={data_dir}', f'--workdir={workdir}'] + PREEMPTION,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(mnist_data_dir, tmp_path):
+  """Orbax saves are collective: a SIGTERM that reaches only process 1 must stop both at
+  the same checkpointed step (not hang), and the resumed run equals an uninterrupted one."""
+  reference = tmp_path / 'whole'
+  _finish_all(_two_processes(mnist_data_dir, reference, _free_port()))
+
+  workdir = tmp_path / 'run'
+  procs = _two_processes(mnist_data_dir, workdir, _free_port())
+  deadline = time.time() + 600
+  while not any(r['stage'] == 'generator' and r['step'] >= 9 for r in
+                _rows_if_any(workdir / 'metrics.jsonl')):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  steps = []
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 143, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith('stopped: generator: stopped by SIGTERM after step '), line
+    steps.append(int(line.split('after step ')[1].split('/')[0]))
+  assert steps[0] == steps[1] and steps[0] % 4 == 0 and steps[0] < 40
+  assert str(steps[0]) in os.listdir(workdir / 'checkpoints' / 'generator')
+
+  _finish_all(_two_processes(mnist_data_dir, workdir, _free_port()))
+  got, want = _metrics(str(workdir)), _metrics(str(reference))
+  assert got.keys() == want.keys()
+  for key, row in want.items():
+    for name, value in row.items():
+      np.testing.assert_allclose(got[key][name], value, rtol=1e-6, err_msg=str((key, name)))
+
+
+def _finish_all(procs):
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+
+
+def _rows_if_any(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith('\n')]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import train
+from rdskd_jax import config_lib, train
 
 
 @pytest.fixture(scope='module')
@@ -125,7 +125,6 @@ def test_teacher_checkpoint_is_reused_without_training(smoke_run, tmp_path):
 
 
 def test_missing_teacher_checkpoint_is_a_config_error(smoke_config, tmp_path):
-  from rdskd_jax import config_lib
   smoke_config.teacher.checkpoint = str(tmp_path / 'nowhere')
   with pytest.raises(config_lib.ConfigError, match='no such checkpoint directory'):
     train.train_and_evaluate(smoke_config, str(tmp_path / 'w'))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import config_lib, models, parallel, train
+from rdskd_jax import config_lib, errors, metrics, models, parallel, runner, stages, train
+from rdskd_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough stages to interrupt in the middle; still seconds each.
@@ -115,7 +116,7 @@ def _generator_setup(config):
   teacher = models.create_classifier('lenet5', 10)
   teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
   generator = models.Generator()
-  state, step_fn = train.generator_setup(config, generator, teacher)
+  state, step_fn = stages.generator_setup(config, generator, teacher)
   poisoned = jax.tree.map(lambda x: x * jnp.nan, teacher_vars)
   return par, state, step_fn, teacher_vars, poisoned
 
@@ -146,25 +147,25 @@ def test_consecutive_nonfinite_steps_stop_with_a_clear_error(tmp_path):
   config = mnist.get_config('smoke')
   config.max_bad_steps, config.log_every = 3, 1
   par, state, step_fn, _, poisoned = _generator_setup(config)
-  log = train.MetricsLog(str(tmp_path))
-  with pytest.raises(train.NonFiniteError,
+  log = metrics.MetricsLog(str(tmp_path))
+  with pytest.raises(errors.NonFiniteError,
                      match=r'generator: 3 consecutive steps up to step 3 .*max_bad_steps=3'):
-    train._run_stage('generator', config, str(tmp_path), par, state, {'teacher': poisoned},
-                     step_fn, 6, log)
+    runner.run_stage('generator', config, str(tmp_path), par, state, {'teacher': poisoned},
+                     step_fn, 6, log, stages.stage_key(config, 'generator'))
   assert [r['skipped_steps'] for r in _rows(tmp_path)] == [1, 2]
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
   config = mnist.get_config('smoke')
-  train.prepare_workdir(config, str(tmp_path))
+  workdir_lib.prepare_workdir(config, str(tmp_path))
   (tmp_path / 'metrics.jsonl').write_text('{}\n')
   config.log_every = 1  # Changes no result: accepted.
-  train.prepare_workdir(config, str(tmp_path))
+  workdir_lib.prepare_workdir(config, str(tmp_path))
   config.generator.steps, config.seed = 7, 3
   with pytest.raises(config_lib.ConfigError,
                      match="another config .generator.steps: 6 there, 7 now; seed: 0 there, 3 now"):
-    train.prepare_workdir(config, str(tmp_path))
-  train.prepare_workdir(config, str(tmp_path), overwrite=True)
+    workdir_lib.prepare_workdir(config, str(tmp_path))
+  workdir_lib.prepare_workdir(config, str(tmp_path), overwrite=True)
   assert not (tmp_path / 'metrics.jsonl').exists()
   assert json.load(open(tmp_path / 'config.json'))['generator']['steps'] == 7
 
@@ -172,7 +173,7 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
 def test_unwritable_workdir_is_a_config_error(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(config_lib.ConfigError, match='cannot write there'):
-    train.prepare_workdir(mnist.get_config('smoke'), str(tmp_path / 'file' / 'run'))
+    workdir_lib.prepare_workdir(mnist.get_config('smoke'), str(tmp_path / 'file' / 'run'))
 
 
 def test_corrupted_teacher_checkpoint_is_a_config_error(tmp_path):
@@ -182,7 +183,7 @@ def test_corrupted_teacher_checkpoint_is_a_config_error(tmp_path):
   config = mnist.get_config('smoke')
   config.teacher.checkpoint = str(bad)
   with pytest.raises(config_lib.ConfigError, match='not a readable lenet5 checkpoint'):
-    train.restore_teacher(config, models.create_classifier('lenet5', 10), 1)
+    workdir_lib.restore_teacher(config, models.create_classifier('lenet5', 10), 1)
 
 
 def test_cli_unwritable_workdir_is_one_line_error(tmp_path):

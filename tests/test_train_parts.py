@@ -6,25 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdskd_jax import train
+from rdskd_jax import data, metrics, parallel, stages, train_steps
+from rdskd_jax import workdir as workdir_lib
 
 
 def test_random_shift_moves_content_and_fills_the_border():
   images = np.zeros((64, 8, 8, 1), np.float32)
   images[:, 3:5, 3:5] = 1.0
-  shifted = train.random_shift(np.random.default_rng(0), images, 2, np.float32([-0.5]))
+  shifted = data.random_shift(np.random.default_rng(0), images, 2, np.float32([-0.5]))
   assert shifted.shape == images.shape
   assert np.all((shifted == 1.0).sum(axis=(1, 2, 3)) == 4)  # The block stays whole.
   assert set(np.unique(shifted)) <= {-0.5, 0.0, 1.0}  # Only content, background and fill.
   assert np.any(shifted == -0.5)
   assert len({tuple(np.argwhere(s[..., 0] == 1.0)[0]) for s in shifted}) > 10
-  assert train.random_shift(np.random.default_rng(0), images, 0, 0.0) is images
+  assert data.random_shift(np.random.default_rng(0), images, 0, 0.0) is images
 
 
 def test_local_noise_slices_pair_up_across_devices():
   key, batch, devices = jax.random.key(3), 16, 4
-  whole = train._local_noise(key, batch, 5, None)
-  local = jax.vmap(lambda _: train._local_noise(key, batch, 5, 'd'), axis_name='d')(
+  whole = train_steps.local_noise(key, batch, 5, None)
+  local = jax.vmap(lambda _: train_steps.local_noise(key, batch, 5, 'd'), axis_name='d')(
       jnp.arange(devices))
   per = batch // 2 // devices
   for d in range(devices):
@@ -33,7 +34,7 @@ def test_local_noise_slices_pair_up_across_devices():
 
 
 def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
-  log = train.MetricsLog(str(tmp_path))
+  log = metrics.MetricsLog(str(tmp_path))
   for step in (2, 4, 6):
     log.write('generator', step, {'total': float(step)})
   log.write('student', 2, {'kd': 1.0})
@@ -46,14 +47,13 @@ def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
 def _student_steps(config, mode, devices, steps=2):
   """The student's state after `steps` steps on the smoke networks, from a fresh generator
   whose running BatchNorm statistics are far from any batch's."""
-  from rdskd_jax import parallel
-  teacher, generator, student = train.build_networks(config, 10, 1)
-  gen_state, _ = train.generator_setup(config, generator, teacher)
-  gen_vars = train.variables_of(gen_state)
+  teacher, generator, student = stages.build_networks(config, 10, 1)
+  gen_state, _ = stages.generator_setup(config, generator, teacher)
+  gen_vars = train_steps.variables_of(gen_state)
   gen_vars['batch_stats'] = jax.tree.map(lambda v: v + 3.0, gen_vars['batch_stats'])
-  teacher_params, _ = train.classifier_init(teacher, jax.random.key(5), (32, 32, 1))
+  teacher_params, _ = train_steps.classifier_init(teacher, jax.random.key(5), (32, 32, 1))
   frozen = {'teacher': {'params': teacher_params}, 'generator': gen_vars}
-  state, step_fn = train.student_setup(config, 1, generator, teacher, student)
+  state, step_fn = stages.student_setup(config, 1, generator, teacher, student)
   par = parallel.DataParallel(mode, devices)
   step = par.wrap(step_fn)
   state, frozen = par.replicate(state), par.replicate(frozen)
@@ -89,7 +89,7 @@ def test_workdirs_and_reports_from_before_generator_batchnorm_still_load(tmp_pat
   config = mnist.get_config('smoke')
   saved = json.loads(json.dumps(config.to_dict()))
   del saved['student']['generator_batchnorm']
-  assert train.config_differences(saved, config) == {}
+  assert workdir_lib.config_differences(saved, config) == {}
   config.student.generator_batchnorm = 'batch'
-  assert train.config_differences(saved, config) == {
+  assert workdir_lib.config_differences(saved, config) == {
       'student.generator_batchnorm': ('running', 'batch')}

@@ -1,0 +1,93 @@
+"""What a run logs: metrics.jsonl, TensorBoard event files, and progress lines."""
+
+import json
+import os
+import sys
+import time
+from typing import Dict
+
+import numpy as np
+from clu import metric_writers
+
+from rdskd_jax import parallel
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard event files in
+  `<workdir>/tensorboard` (through clu's metric writers: scalars as `stage/name`, and
+  images), written by process 0. Lines of a stage past the step it resumes from are
+  dropped from metrics.jsonl, so a resumed run leaves the file an uninterrupted run writes
+  (TensorBoard shows the re-run steps twice).
+
+  Metrics of a batch of runs (a vmapped sweep group) have a leading run axis: each run
+  gets its own line, with a `run` field, and TensorBoard the mean over runs.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.writer = None
+    if parallel.is_main_process():
+      self.writer = metric_writers.create_default_writer(
+          os.path.join(os.path.abspath(workdir), 'tensorboard'), asynchronous=False)
+
+  def resume(self, stage: str, step: int) -> None:
+    if not parallel.is_main_process() or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in rows if r['stage'] != stage or r['step'] <= step]
+    if len(keep) != len(rows):
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in keep)
+      os.replace(self.path + '.tmp', self.path)
+
+  def write(self, stage: str, step: int, metrics: Dict[str, np.ndarray]) -> None:
+    """One line per run: `metrics` values are numbers, or arrays with one entry per run."""
+    if not parallel.is_main_process():
+      return
+    arrays = {k: np.asarray(v) for k, v in metrics.items()}
+    runs = max((v.shape[0] for v in arrays.values() if v.ndim), default=None)
+    if runs is None:
+      rows = [{'stage': stage, 'step': step, **{k: v.item() for k, v in arrays.items()}}]
+    else:
+      rows = [{'stage': stage, 'step': step, 'run': r,
+               **{k: (v[r] if v.ndim else v).item() for k, v in arrays.items()}}
+              for r in range(runs)]
+    with open(self.path, 'a') as f:
+      f.writelines(json.dumps(row) + '\n' for row in rows)
+    self.writer.write_scalars(step, {f'{stage}/{k}': float(np.mean(v))
+                                     for k, v in arrays.items()})
+
+  def write_images(self, stage: str, step: int, images: Dict[str, np.ndarray]) -> None:
+    """TensorBoard images, each (H, W, C) in [0, 1]."""
+    if self.writer is not None:
+      self.writer.write_images(step, {f'{stage}/{k}': v[None] for k, v in images.items()})
+
+  def flush(self) -> None:
+    if self.writer is not None:
+      self.writer.flush()
+
+
+class Progress:
+  """Progress lines on stderr: step, metrics (the mean over runs of a batch), steps/s
+  and ETA."""
+
+  def __init__(self, stage: str, start: int, total: int):
+    self.stage, self.start, self.total = stage, start, total
+    self.t0 = time.perf_counter()
+
+  def show(self, step: int, metrics: Dict[str, np.ndarray]) -> None:
+    if not parallel.is_main_process():
+      return
+    elapsed = time.perf_counter() - self.t0
+    rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float('nan')
+    parts = ' '.join(f'{k}={float(np.mean(v)):.4g}' for k, v in metrics.items())
+    print(f'[{self.stage}] step {step}/{self.total} {parts} {rate:.2f} steps/s '
+          f'ETA {eta:.0f}s', file=sys.stderr, flush=True)
+
+
+def say(line: str) -> None:
+  """A line on stderr from process 0."""
+  if parallel.is_main_process():
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,112 @@
+"""The stage runner: restore, step, log, checkpoint and stop on preemption, for every
+stage of a run and for a vmapped sweep group alike."""
+
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from rdskd_jax import metrics as metrics_lib
+from rdskd_jax import workdir as workdir_lib
+from rdskd_jax.errors import NonFiniteError, Preempted
+
+
+class SigtermFlag:
+  """Within `with`, SIGTERM sets `.raised` instead of killing the process (main thread
+  only; elsewhere, as in some notebook kernels, SIGTERM keeps its usual effect)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _stop_now(sigterm: SigtermFlag, done: int, log_every: int) -> bool:
+  """Whether every process stops after step `done`.
+
+  One process stops as soon as SIGTERM has arrived. Orbax saves are collective, so with
+  several processes (of which SIGTERM may reach only some, or each at another step) all
+  of them look at once, at the same steps (multiples of `log_every`), and stop together
+  when any has received it.
+  """
+  if jax.process_count() == 1:
+    return sigterm.raised
+  if done % log_every:
+    return False
+  flags = multihost_utils.process_allgather(np.array(sigterm.raised))
+  return bool(np.any(flags))
+
+
+def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, log,
+              root_key, batches=None, report_every=0, report_fn=None):
+  """Runs a stage from its latest checkpoint in `workdir` to `total_steps`; returns
+  (host state, seconds).
+
+  `par` places the step (parallel.DataParallel, or parallel.RunBatch for a group of runs
+  stacked along a leading axis, whose metrics then carry that axis). `root_key` is the
+  stage's key (stacked for a RunBatch). `batches(step)`, when given, returns the host
+  batch arrays of a step. Every `report_every` steps, `report_fn(host_state)` adds metrics
+  to that step's log line; it is for reporting only: nothing in training reads what it
+  returns, and its time is not counted in the stage's seconds.
+  """
+  manager = workdir_lib.checkpoint_manager(workdir, stage)
+  start = manager.latest_step() or 0
+  if start:
+    state = workdir_lib.restore_like(manager, start, state)
+  log.resume(stage, start)
+  wrapped = par.wrap(step_fn, num_batch_args=0 if batches is None else 2)
+  device_state, device_frozen = par.replicate(state), par.replicate(frozen)
+  runs = getattr(par, 'num_runs', 0)
+  progress = metrics_lib.Progress(f'{stage} x{runs}' if runs else stage, start, total_steps)
+  t0, reporting_seconds = time.perf_counter(), 0.0
+  with SigtermFlag() as sigterm:
+    for step in range(start, total_steps):
+      args = () if batches is None else tuple(par.split_batch(b) for b in batches(step))
+      device_state, metrics = wrapped(device_state, device_frozen, root_key, *args)
+      done = step + 1
+      report_now = report_every and done % report_every == 0
+      if done % config.log_every == 0 or done == total_steps or report_now:
+        metrics = {k: np.asarray(v) for k, v in par.to_host(metrics).items()}
+        nonfinite = par.to_host(device_state['nonfinite'])
+        metrics['skipped_steps'] = np.asarray(nonfinite['total'])
+        streak = np.asarray(nonfinite['streak'])
+        if streak.max() >= config.max_bad_steps:
+          which = f'run {int(streak.argmax())} of this group: ' if streak.ndim else ''
+          raise NonFiniteError(
+              f'{stage}: {which}{int(streak.max())} consecutive steps up to step {done} had '
+              f'a non-finite loss or gradient and were skipped (config.max_bad_steps='
+              f'{config.max_bad_steps}); the last checkpoint is step '
+              f'{manager.latest_step()}. Try a lower learning rate.')
+        if report_now:
+          t_report = time.perf_counter()
+          metrics.update(report_fn(par.to_host(device_state)))
+          reporting_seconds += time.perf_counter() - t_report
+        log.write(stage, done, metrics)
+        progress.show(done, metrics)
+      stop = done < total_steps and _stop_now(sigterm, done, config.log_every)
+      if done % config.checkpoint_every == 0 or done == total_steps or stop:
+        manager.save(done, args=ocp.args.StandardSave(par.to_host(device_state)))
+      if stop:
+        manager.wait_until_finished()
+        log.flush()
+        raise Preempted(f'{stage}: stopped by SIGTERM after step {done}/{total_steps}, which '
+                        'is checkpointed; run the same command again to resume')
+  manager.wait_until_finished()
+  log.flush()
+  return par.to_host(device_state), time.perf_counter() - t0 - reporting_seconds

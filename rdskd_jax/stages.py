@@ -1,0 +1,123 @@
+"""Each stage's networks, initial train state and per-device step, built from a config;
+and the keys of the run's random streams.
+
+The main run (`train.py`), the sweep and `workdir.load_run` build stages here, so a
+checkpoint always restores into the state it was saved from.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rdskd_jax import data, models, train_steps
+from rdskd_jax.errors import ConfigError
+
+
+STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4,
+              'diagnostics': 5, 'dafl': 6}
+
+
+def stage_key(config, stage: str):
+  """The root key of a stage's (or a reporting stream's) random numbers."""
+  return jax.random.fold_in(jax.random.key(config.seed), STAGE_KEYS[stage])
+
+
+def samples_key(config):
+  """The key of the noise behind samples.png (the same picture on every refresh)."""
+  return stage_key(config, 'samples')
+
+
+def build_networks(config, num_classes: int, channels: int):
+  """The run's (teacher, generator, student) modules, computing in `config.dtype`."""
+  dtype = models.DTYPES[config.dtype]
+  teacher = models.create_classifier(config.teacher.model, num_classes, dtype)
+  generator = models.Generator(image_size=config.image_size, channels=channels,
+                               subpixel=config.generator.subpixel, dtype=dtype)
+  student = models.create_classifier(config.student.model, num_classes, dtype)
+  return teacher, generator, student
+
+
+def teacher_setup(config, model, channels: int, images, labels):
+  """The teacher's initial train state, its per-device step, its step count and
+  `batches(step)`, the host batch of a step from the real train split (images, labels)."""
+  batch = config.teacher.batch_size
+  if len(images) < batch:
+    raise ConfigError(
+        f'config.teacher.batch_size={batch}: expected at most the {len(images)} train '
+        f'examples of {config.dataset}')
+  steps_per_epoch = len(images) // batch
+  total = steps_per_epoch * config.teacher.epochs
+  tx = train_steps.optimizer(config.teacher, total, steps_per_epoch)
+  params, collections = train_steps.classifier_init(
+      model, jax.random.key(config.seed), (config.image_size, config.image_size, channels))
+  state = train_steps.new_train_state(params, tx, **collections)
+
+  # Shifted-in pixels take the value of a black pixel after normalisation.
+  fill = -np.asarray(config.mean, np.float32) / np.asarray(config.std, np.float32)
+
+  def batches(step):
+    """Epoch e visits the split in a permutation drawn from (seed, e); shifts and flips
+    from the step."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
+    take = order[index * batch:(index + 1) * batch]
+    rng = np.random.default_rng([config.seed, epoch, index])
+    augmented = data.random_shift(rng, images[take], config.teacher.max_shift, fill)
+    return data.random_flip(rng, augmented, config.teacher.flip), labels[take]
+
+  step_fn = functools.partial(train_steps.teacher_step, model=model, tx=tx)
+  return state, step_fn, total, batches
+
+
+def generator_setup(config, generator, teacher):
+  """The generator's initial train state and its per-device step (teacher frozen)."""
+  gcfg = config.generator
+  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  tx = train_steps.optimizer(gcfg, gcfg.steps, gcfg.epoch_length)
+  state = train_steps.new_train_state(gen_vars['params'], tx, batch_stats=gen_vars['batch_stats'],
+                          loss_refs=jnp.zeros(2, jnp.float32))
+  step_fn = functools.partial(train_steps.generator_step, generator=generator, teacher=teacher, tx=tx,
+                              batch_size=gcfg.batch_size,
+                              latent_dim=gcfg.latent_dim, epoch_length=gcfg.epoch_length,
+                              bn_prior_weight=gcfg.bn_prior_weight)
+  return state, step_fn
+
+
+def dafl_setup(config, channels: int, generator, teacher, student):
+  """DAFL's joint initial state (generator and student train states) and its step."""
+  dcfg, gcfg = config.dafl, config.generator
+  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  tx_generator = optax.adam(dcfg.generator_learning_rate)
+  tx_student = optax.adam(dcfg.student_learning_rate)
+  params, collections = train_steps.classifier_init(student, jax.random.key(config.seed + 1),
+                                        (config.image_size, config.image_size, channels))
+  state = {'step': jnp.int32(0),
+           'generator': train_steps.new_train_state(gen_vars['params'], tx_generator,
+                                        batch_stats=gen_vars['batch_stats']),
+           'student': train_steps.new_train_state(params, tx_student, **collections),
+           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+  step_fn = functools.partial(
+      train_steps.dafl_step, generator=generator, teacher=teacher, student=student,
+      tx_generator=tx_generator, tx_student=tx_student, batch_size=dcfg.batch_size,
+      latent_dim=gcfg.latent_dim, alpha=dcfg.alpha, beta=dcfg.beta,
+      temperature=dcfg.temperature, bn_prior_weight=gcfg.bn_prior_weight)
+  return state, step_fn
+
+
+def student_setup(config, channels: int, generator, teacher, student):
+  """The student's initial train state and its per-device step (generator and teacher
+  frozen)."""
+  scfg = config.student
+  params, collections = train_steps.classifier_init(student, jax.random.key(config.seed + 1),
+                                        (config.image_size, config.image_size, channels))
+  tx = train_steps.optimizer(scfg, scfg.steps, scfg.epoch_length)
+  state = train_steps.new_train_state(params, tx, **collections)
+  step_fn = functools.partial(train_steps.student_step, generator=generator, teacher=teacher,
+                              student=student, tx=tx, batch_size=scfg.batch_size,
+                              latent_dim=config.generator.latent_dim,
+                              temperature=scfg.temperature,
+                              generator_batchnorm=scfg.generator_batchnorm)
+  return state, step_fn

@@ -1,0 +1,268 @@
+"""The pure per-device train steps, and the gradient application they share.
+
+Each step is written once, for one device, as
+    step(state, frozen, root_key, *batch, axis_name) -> (state, metrics)
+with every batch reduction a collective over `axis_name` (None: no collectives);
+`parallel.py` turns it into a data-parallel (or run-batched) program. The state is a plain
+pytree: step, params, opt_state, skipped-step counters and the entries a network updates
+besides its parameters (BatchNorm statistics, loss references).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import flax.linen as nn
+
+from rdskd_jax import losses, models
+
+
+def local_noise(key, batch_size, latent_dim, axis_name):
+  """This device's slice of the global noise batch, drawn as on one device.
+
+  The global batch is [first half; second half] and L_ds pairs sample i with i + B/2, so
+  device d takes the d-th slice of each half: its local halves are pairs of the global ones.
+  """
+  z = jax.random.normal(key, (batch_size, latent_dim))
+  if axis_name is None:
+    return z
+  n = jax.lax.axis_size(axis_name)
+  i = jax.lax.axis_index(axis_name)
+  half, per = batch_size // 2, batch_size // 2 // n
+  first = jax.lax.dynamic_slice_in_dim(z[:half], i * per, per)
+  second = jax.lax.dynamic_slice_in_dim(z[half:], i * per, per)
+  return jnp.concatenate([first, second])
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _in_compute_precision(params, dtype):
+  """Parameters promoted to the compute dtype where it is wider (float32 parameters under
+  float64 compute), for differentiating: the gradients then keep the compute precision
+  until they are averaged over devices. Otherwise (float32, bfloat16) the same arrays."""
+  if dtype is None:
+    return params
+  return jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, dtype)), params)
+
+
+def apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
+  """One Adam step, with `new_parts` (BatchNorm statistics, loss references) replacing
+  their state entries; skipped when the loss or any gradient is not finite.
+
+  A state with an `lr_scale` entry (a vmapped sweep, where runs differ in learning rate)
+  has a `tx` built with learning rate 1: updates of Adam and SGD are linear in it, and the
+  run's rate multiplies them here.
+
+  A skipped step keeps the whole state but advances the step (its keys and noise are
+  spent) and counts itself in `nonfinite`: `total` skipped steps and the current
+  `streak` of consecutive ones, which the stage runner checks when it logs. Gradients are
+  averaged over devices first, so every device takes the same decision, without a host
+  round trip.
+  """
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  # Rounded to the parameters' dtype only after the average (see _in_compute_precision).
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  if 'lr_scale' in state:  # Sweeps: `tx` has learning rate 1, the state holds the run's.
+    updates = jax.tree.map(lambda u: u * state['lr_scale'].astype(u.dtype), updates)
+  updated = dict(state, params=optax.apply_updates(state['params'], updates),
+                 opt_state=opt_state, **new_parts)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  bad = state['nonfinite']
+  return dict(kept, step=state['step'] + 1, nonfinite={
+      'total': bad['total'] + jnp.where(finite, 0, 1).astype(jnp.int32),
+      'streak': jnp.where(finite, 0, bad['streak'] + 1).astype(jnp.int32)})
+
+
+def new_train_state(params, tx, **extra):
+  """A stage's train state at step 0: parameters, optimizer state, the skipped-step
+  counters, and `extra` entries (BatchNorm statistics, loss references)."""
+  return {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params),
+          'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}, **extra}
+
+
+def classifier_init(model, key, image_shape):
+  """(params, other variable collections) of a classifier, e.g. BatchNorm statistics."""
+  variables = model.init(key, jnp.zeros((1, *image_shape)))
+  return variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+
+
+def variables_of(state):
+  """The variables a classifier's train state stands for (params and, where it has
+  BatchNorm, its running statistics)."""
+  return {'params': state['params'],
+          **({'batch_stats': state['batch_stats']} if 'batch_stats' in state else {})}
+
+
+def train_forward(model, state, params, images):
+  """A classifier in training mode: ((logits, features), state entries it updates)."""
+  if 'batch_stats' not in state:
+    return model.apply({'params': params}, images, train=True), {}
+  out, updates = model.apply({'params': params, 'batch_stats': state['batch_stats']}, images,
+                             train=True, mutable=['batch_stats'])
+  return out, {'batch_stats': updates['batch_stats']}
+
+
+def teacher_step(state, frozen, root_key, images, labels, *, model, tx, axis_name):
+  """One optimizer step of the teacher on a real batch (cross-entropy)."""
+  del frozen, root_key  # Batch order and augmentation are drawn on the host.
+  model = model.clone(axis_name=axis_name)
+
+  def loss_fn(params):
+    (logits, _), new_parts = train_forward(model, state, params, images)
+    loss = losses.cross_entropy_loss(logits, labels, axis_name=axis_name)
+    return loss, (logits, new_parts)
+
+  (loss, (logits, new_parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], model.dtype))
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  if axis_name is not None:
+    accuracy = jax.lax.pmean(accuracy, axis_name)
+  return (apply_gradients(state, grads, tx, axis_name, loss, **new_parts),
+          {'loss': loss, 'train_accuracy': accuracy})
+
+
+def teacher_forward(teacher, variables, images, *, bn_prior: bool = False, axis_name=None):
+  """The frozen teacher in inference mode: (logits, features, BatchNorm prior).
+
+  With `bn_prior`, each BatchNorm layer's input statistics on `images` (over the global
+  batch under data parallelism) are compared with its running statistics
+  (`losses.bn_statistics_loss`); otherwise the prior is 0.
+  """
+  if not bn_prior:
+    logits, features = teacher.apply(variables, images, train=False)
+    return logits, features, jnp.zeros((), jnp.float32)
+  mean_of = lambda x: losses.global_mean(x, axis_name)
+  captured = []
+
+  def record_batchnorm_inputs(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      x = args[0].astype(jnp.float32)
+      flat = x.reshape(-1, x.shape[-1])
+      mean = mean_of(flat)
+      var = mean_of(jnp.square(flat - mean))  # Two-pass, biased: BatchNorm's variance.
+      stats = context.module.variables['batch_stats']
+      captured.append((mean, var, stats['mean'], stats['var']))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record_batchnorm_inputs):
+    logits, features = teacher.apply(variables, images, train=False)
+  return logits, features, losses.bn_statistics_loss(*zip(*captured))
+
+
+def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_size,
+                   latent_dim, epoch_length, axis_name, bn_prior_weight=0.0):
+  """One RDSKD generator step (teacher frozen in inference mode).
+
+  The loss references refresh, after this step's loss is computed, when the step is at
+  index 1 of its epoch, as in the authors' code.
+  """
+  z = local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
+  generator = generator.clone(axis_name=axis_name)
+  ref_one_hot, ref_entropy = state['loss_refs'][0], state['loss_refs'][1]
+
+  def loss_fn(params):
+    images, updates = generator.apply(
+        {'params': params, 'batch_stats': state['batch_stats']}, z, train=True,
+        mutable=['batch_stats'])
+    teacher_logits, _, bn_prior = teacher_forward(
+        teacher, frozen['teacher'], images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
+    total, aux = losses.rdskd_generator_loss(images, teacher_logits, ref_one_hot,
+                                             ref_entropy, axis_name=axis_name)
+    if bn_prior_weight > 0:
+      total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
+    return total, (aux, updates['batch_stats'])
+
+  (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], generator.dtype))
+  refresh = state['step'] % epoch_length == 1
+  new_refs = jnp.where(refresh, jnp.stack([aux['one_hot'], aux['information_entropy']]),
+                       state['loss_refs']).astype(state['loss_refs'].dtype)
+  state = apply_gradients(state, grads, tx, axis_name, total, batch_stats=batch_stats,
+                           loss_refs=new_refs)
+  return state, dict(aux, total=total)
+
+
+def student_step(state, frozen, root_key, *, generator, teacher, student, tx, batch_size,
+                 latent_dim, temperature, axis_name, generator_batchnorm='running'):
+  """One KD step of the student on fresh samples of the frozen generator (its BatchNorm
+  in `generator_batchnorm` mode, models.generate)."""
+  z = local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
+  images = models.generate(generator, frozen['generator'], z, generator_batchnorm, axis_name)
+  teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+  student = student.clone(axis_name=axis_name)
+
+  def loss_fn(params):
+    (student_logits, _), new_parts = train_forward(student, state, params, images)
+    loss = losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
+    return loss, new_parts
+
+  (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], student.dtype))
+  return apply_gradients(state, grads, tx, axis_name, loss, **new_parts), {'kd': loss}
+
+
+def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_generator,
+              tx_student, batch_size, latent_dim, alpha, beta, temperature, axis_name,
+              bn_prior_weight=0.0):
+  """One DAFL step (Chen et al. 2019): generator and student trained together.
+
+  The generator (BatchNorm in training mode) makes a batch; it takes a step on
+  L_oh + alpha L_a + beta L_ie10 (+ the BatchNorm prior) against the frozen teacher, and
+  the student takes a KD step on the same images and teacher logits (no gradient to the
+  generator), as in DAFL's DAFL_train.py.
+  """
+  z = local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
+  generator = generator.clone(axis_name=axis_name)
+  student = student.clone(axis_name=axis_name)
+  g_state, s_state = state['generator'], state['student']
+
+  def generator_loss(params):
+    images, updates = generator.apply(
+        {'params': params, 'batch_stats': g_state['batch_stats']}, z, train=True,
+        mutable=['batch_stats'])
+    logits, features, bn_prior = teacher_forward(
+        teacher, frozen['teacher'], images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
+    total, aux = losses.dafl_generator_loss(logits, features, alpha, beta, axis_name=axis_name)
+    if bn_prior_weight > 0:
+      total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
+    return total, (aux, updates['batch_stats'], images, logits)
+
+  (g_total, (aux, g_stats, images, teacher_logits)), g_grads = jax.value_and_grad(
+      generator_loss, has_aux=True)(_in_compute_precision(g_state['params'], generator.dtype))
+  images, teacher_logits = jax.lax.stop_gradient((images, teacher_logits))
+
+  def student_loss(params):
+    (student_logits, _), new_parts = train_forward(student, s_state, params, images)
+    return losses.kd_loss(student_logits, teacher_logits, temperature,
+                          axis_name=axis_name), new_parts
+
+  (kd, s_parts), s_grads = jax.value_and_grad(student_loss, has_aux=True)(
+      _in_compute_precision(s_state['params'], student.dtype))
+  g_state = apply_gradients(g_state, g_grads, tx_generator, axis_name, g_total,
+                             batch_stats=g_stats)
+  s_state = apply_gradients(s_state, s_grads, tx_student, axis_name, kd, **s_parts)
+  bad_g, bad_s = g_state['nonfinite'], s_state['nonfinite']
+  return ({'step': state['step'] + 1, 'generator': g_state, 'student': s_state,
+           'nonfinite': {'total': bad_g['total'] + bad_s['total'],
+                         'streak': jnp.maximum(bad_g['streak'], bad_s['streak'])}},
+          dict(aux, total=g_total, kd=kd))
+
+
+def optimizer(cfg, steps: int, steps_per_epoch: int):
+  """The optax optimizer of a stage's config: Adam or SGD with momentum, an optional L2
+  term added to the gradient (PyTorch's weight_decay) and a learning-rate schedule over
+  the stage's `steps` ('step': times decay_factor after each of decay_epochs)."""
+  lr = cfg.learning_rate
+  if cfg.schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(lr, max(steps, 1))
+  elif cfg.schedule == 'step':
+    lr = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs})
+  tx = optax.sgd(lr, momentum=cfg.momentum or None) if cfg.optimizer == 'sgd' else optax.adam(lr)
+  if cfg.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+  return tx
