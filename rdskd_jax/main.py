@@ -11,7 +11,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rdskd_jax import train
 from rdskd_jax.errors import ConfigError, DataError, Preempted, RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally :preset.')
@@ -52,6 +51,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  # After the flags: a bad command line answers in one line, before TensorFlow (under tfds)
+  # prints its start-up lines and JAX loads.
+  from rdskd_jax import train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except (ConfigError, DataError, RunStopped) as e:

@@ -37,8 +37,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rdskd_jax import (config_lib, data, evaluation, metrics, parallel, runner, stages, train,
-                       train_steps, workdir as workdir_lib)
+from rdskd_jax import (config_checks, data, evaluation, metrics, parallel, runner, stages,
+                       train, train_steps, workdir as workdir_lib)
 from rdskd_jax.errors import ConfigError, DataError, Preempted, RunStopped
 
 # Fields that may differ within one vmapped group (no shape or program depends on them).
@@ -226,7 +226,7 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
   config.parallel = 'none'  # One device; the runs themselves are the batch axis.
   runs = run_configs(config, seeds, grid)
   for _, _, run in runs:
-    config_lib.validate(run, 1)
+    config_checks.validate(run, 1)
   os.makedirs(workdir, exist_ok=True)
   teacher_dir = os.path.join(workdir, 'teacher')
   workdir_lib.prepare_workdir(config, teacher_dir)

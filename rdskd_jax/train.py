@@ -16,7 +16,7 @@ from typing import Any, Dict
 
 import jax
 
-from rdskd_jax import (config_lib, data, diagnostics, evaluation, metrics, parallel, plot,
+from rdskd_jax import (config_checks, data, diagnostics, evaluation, metrics, parallel, plot,
                        runner, stages, train_steps, workdir as workdir_lib)
 from rdskd_jax.errors import ConfigError
 
@@ -25,7 +25,7 @@ def setup_parallel(config) -> parallel.DataParallel:
   """Joins a multi-process run if asked, checks the config against the devices there
   are, and returns the data-parallel wrapper of `config.parallel`."""
   parallel.initialize_distributed(config)
-  config_lib.validate(config, jax.device_count())
+  config_checks.validate(config, jax.device_count())
   try:
     return parallel.DataParallel(config.parallel, config.num_devices)
   except ValueError as e:  # What validate cannot see: a multi-process run's constraints.

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import mnist
-from rdskd_jax import config_lib
+from rdskd_jax import config_checks, config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize('preset', ['paper', 'cpu', 'smoke'])
 def test_presets_load_and_validate(preset):
   config = mnist.get_config(preset)
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert config.preset == preset
 
 
@@ -48,16 +48,16 @@ def test_bad_values_are_named(field, value, message):
   parent, _, name = field.rpartition('.')
   (config[parent] if parent else config)[name] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_batch_not_divisible_by_devices_names_both_numbers():
   config = mnist.get_config('smoke')
   config.generator.batch_size = 12
   with pytest.raises(config_lib.ConfigError, match=r'batch_size=12: .*2 x 8 devices'):
-    config_lib.validate(config, available_devices=8)
+    config_checks.validate(config, available_devices=8)
   config.num_devices = 2  # 12 = 2 x 2 x 3: fine on two of the eight.
-  config_lib.validate(config, available_devices=8)
+  config_checks.validate(config, available_devices=8)
 
 
 def test_more_devices_than_exist_is_an_error():
@@ -65,7 +65,7 @@ def test_more_devices_than_exist_is_an_error():
   config.num_devices = 16
   with pytest.raises(config_lib.ConfigError,
                      match='config.num_devices=16: expected at most the 8 devices there are'):
-    config_lib.validate(config, available_devices=8)
+    config_checks.validate(config, available_devices=8)
 
 
 def _main(*args):
@@ -95,3 +95,15 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == \
       'error: config.student.steps=-3: expected a positive integer'
   assert 'Traceback' not in result.stderr
+
+
+def test_reading_a_config_file_imports_no_jax():
+  """Config files import config_lib alone: reading one is fast (checks live in
+  config_checks, which needs JAX)."""
+  code = ('import sys; from configs import cifar10, mnist, svhn, tfds; '
+          "[m.get_config(p) for m in (cifar10, mnist, svhn) for p in ('paper', 'cpu', 'smoke')]; "
+          "print(sorted(n for n in ('jax', 'flax', 'tensorflow') if n in sys.modules))")
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'

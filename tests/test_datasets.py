@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from configs import cifar10, mnist, svhn
 from configs import tfds as tfds_config
-from rdskd_jax import config_lib, data, train, train_steps
+from rdskd_jax import config_checks, config_lib, data, train, train_steps
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_generic_config_refuses_a_channel_count_mismatch(mock_tfds, tmp_path):
 
 def test_generic_config_needs_a_dataset_name():
   with pytest.raises(config_lib.ConfigError, match="config.dataset='': expected a tfds"):
-    config_lib.validate(tfds_config.get_config('smoke'), 1)
+    config_checks.validate(tfds_config.get_config('smoke'), 1)
 
 
 def test_step_schedule_multiplies_the_learning_rate_after_its_epochs():

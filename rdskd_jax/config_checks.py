@@ -1,0 +1,112 @@
+"""Config checks: every bad value is a one-line `ConfigError` naming the field and value."""
+
+import jax
+import ml_collections
+
+from rdskd_jax import models, parallel
+from rdskd_jax.errors import ConfigError
+
+OPTIMIZERS = ('adam', 'sgd')
+SCHEDULES = ('constant', 'cosine', 'step')
+
+
+def _require(ok: bool, field: str, value, expected: str):
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r}: expected {expected}')
+
+
+def _positive_int(config, field):
+  value = _get(config, field)
+  _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+           field, value, 'a positive integer')
+
+
+def _positive_float(config, field):
+  value = _get(config, field)
+  _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+           field, value, 'a positive number')
+
+
+def _get(config, field):
+  for part in field.split('.'):
+    config = config[part]
+  return config
+
+
+def devices_used(config, available_devices: int) -> int:
+  """How many devices a run of `config` uses when `available_devices` exist."""
+  if config.parallel == 'none':
+    return 1
+  return config.num_devices or available_devices
+
+
+def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> None:
+  """Raises ConfigError on the first value the pipeline cannot run with, on a machine (or
+  multi-process run) with `available_devices` devices."""
+  _require(isinstance(config.dataset, str) and config.dataset, 'dataset', config.dataset,
+           'a tfds dataset name')
+  _require(config.method in ('rdskd', 'dafl'), 'method', config.method, "'rdskd' or 'dafl'")
+  _require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
+           config.generator.bn_prior_weight, 'a weight >= 0')
+  _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
+           ' or '.join(repr(m) for m in parallel.MODES))
+  _require(config.dtype in models.DTYPES, 'dtype', config.dtype,
+           "'float32' or 'bfloat16' ('float64' with JAX_ENABLE_X64=1)")
+  _require(config.dtype != 'float64' or jax.config.jax_enable_x64, 'dtype', config.dtype,
+           "'float32' or 'bfloat16': float64 needs JAX_ENABLE_X64=1")
+  _require(isinstance(config.image_size, int) and config.image_size >= 0, 'image_size',
+           config.image_size, "a size in pixels, or 0 (the dataset's)")
+  for field in ('checkpoint_every', 'max_bad_steps', 'log_every',
+                'eval_batch_size', 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
+                'generator.batch_size', 'generator.steps', 'generator.epoch_length',
+                'student.batch_size', 'student.steps', 'student.agreement_samples',
+                'diagnostic_samples', 'dafl.batch_size', 'dafl.steps'):
+    _positive_int(config, field)
+  for field in ('teacher.learning_rate', 'generator.learning_rate',
+                'student.learning_rate', 'student.temperature', 'student.epoch_length',
+                'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature'):
+    _positive_float(config, field)
+  _require(config.image_size % 4 == 0, 'image_size', config.image_size,
+           'a multiple of 4 (the generator upsamples twice), or 0')
+  _require(len(config.mean) == len(config.std) and all(s > 0 for s in config.std),
+           'std', config.std, 'positive values, one per channel of mean (or both empty)')
+  for stage in ('teacher', 'student'):
+    model = config[stage].model
+    _require(model in models.known_classifiers(), f'{stage}.model', model,
+             'one of ' + ', '.join(models.known_classifiers()))
+  for stage in ('teacher', 'generator', 'student'):
+    cfg = config[stage]
+    _require(cfg.optimizer in OPTIMIZERS, f'{stage}.optimizer', cfg.optimizer,
+             ' or '.join(map(repr, OPTIMIZERS)))
+    _require(cfg.schedule in SCHEDULES, f'{stage}.schedule', cfg.schedule,
+             ' or '.join(map(repr, SCHEDULES)))
+    _require(all(isinstance(e, int) and e > 0 for e in cfg.decay_epochs) and
+             list(cfg.decay_epochs) == sorted(cfg.decay_epochs), f'{stage}.decay_epochs',
+             cfg.decay_epochs, 'increasing positive epoch numbers')
+    _require(cfg.weight_decay >= 0 and 0 <= cfg.momentum < 1, f'{stage}.weight_decay',
+             (cfg.weight_decay, cfg.momentum), 'weight_decay >= 0 and 0 <= momentum < 1')
+  _require(config.student.generator_batchnorm in models.GENERATOR_BATCHNORM,
+           'student.generator_batchnorm', config.student.generator_batchnorm,
+           ' or '.join(map(repr, models.GENERATOR_BATCHNORM)))
+  _require(0 <= config.teacher.max_shift and (config.image_size == 0 or
+           config.teacher.max_shift < config.image_size // 2), 'teacher.max_shift',
+           config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')
+  _require(isinstance(config.num_devices, int) and config.num_devices >= 0, 'num_devices',
+           config.num_devices, '0 (all devices) or a positive device count')
+  _require(config.num_devices <= available_devices, 'num_devices', config.num_devices,
+           f'at most the {available_devices} devices there are')
+  num_devices = devices_used(config, available_devices)
+  _require(config.image_every >= 0, 'image_every', config.image_every,
+           '0 (never) or a positive step count')
+  _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
+           '0 (never) or a positive step count')
+  _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
+           config.teacher.max_train_examples, '0 (all) or a positive count')
+  for stage in ('generator', 'student', 'dafl'):
+    batch = config[stage].batch_size
+    _require(batch % 2 == 0, f'{stage}.batch_size', batch,
+             'an even number (the diversity loss pairs two halves)')
+    _require(batch % (2 * num_devices) == 0, f'{stage}.batch_size', batch,
+             f'a multiple of 2 x {num_devices} devices (each device holds a slice of both halves)')
+  _require(config.teacher.batch_size % num_devices == 0, 'teacher.batch_size',
+           config.teacher.batch_size, f'a multiple of the {num_devices} devices')
