@@ -18,6 +18,8 @@ import ml_collections
 
 from rdskd_jax import config_lib
 
+presets = config_lib.load_beside(__file__, 'presets')  # configs/presets.py
+
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c = config_lib.base_config(preset)
@@ -45,10 +47,10 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   if preset == 'paper':
     pass
   elif preset == 'cpu':
-    config_lib.deep_cpu_preset(c)
+    presets.deep_cpu(c)
     c.student.decay_epochs = (8,)   # Of 10 (60-step) epochs, as 800 of the paper's 1000.
   elif preset == 'smoke':
-    config_lib.deep_smoke_preset(c)
+    presets.deep_smoke(c)
     c.student.decay_epochs = (1,)
   else:
     raise ValueError(f"unknown preset {preset!r} for configs/cifar10.py; expected 'paper', "

@@ -10,6 +10,8 @@ import ml_collections
 
 from rdskd_jax import config_lib
 
+presets = config_lib.load_beside(__file__, 'presets')  # configs/presets.py
+
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c = config_lib.base_config(preset)  # Every field, documented, with the paper's schedule.
@@ -50,7 +52,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.image_every = 40
     c.checkpoint_every = 200
   elif preset == 'smoke':
-    config_lib.smoke_preset(c)
+    presets.smoke(c)
   else:
     raise ValueError(f"unknown preset {preset!r} for configs/mnist.py; expected 'paper', 'cpu' or 'smoke'")
   return c

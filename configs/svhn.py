@@ -18,9 +18,11 @@ import ml_collections
 
 from rdskd_jax import config_lib
 
+presets = config_lib.load_beside(__file__, 'presets')  # configs/presets.py
+
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  c = config_lib.wrn_config(preset, 'configs/svhn.py')
+  c = presets.wrn(preset, 'configs/svhn.py')
   c.dataset = 'svhn_cropped'
   c.image_size = 32
   c.mean = (0.4377, 0.4438, 0.4728)

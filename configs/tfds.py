@@ -13,9 +13,11 @@ import ml_collections
 
 from rdskd_jax import config_lib
 
+presets = config_lib.load_beside(__file__, 'presets')  # configs/presets.py
+
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  c = config_lib.wrn_config(preset, 'configs/tfds.py')
+  c = presets.wrn(preset, 'configs/tfds.py')
   c.dataset = ''                    # Required: a tfds image classification dataset name.
   c.image_size = 0                  # The dataset's (square, a multiple of 4).
   c.mean = ()                       # From the train split.

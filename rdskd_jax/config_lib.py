@@ -1,12 +1,18 @@
-"""Every config field, documented, and the presets the config files share.
+"""Every config field, documented; the presets live in `configs/`.
 
 Light on purpose: a config file imports this module alone (no JAX), so reading a config
 is fast; `config_checks.validate` checks one against the code and the devices.
 """
 
+import hashlib
+import importlib.util
+import os
+import sys
+import types
+
 import ml_collections
 
-from rdskd_jax.errors import ConfigError  # noqa: F401  (config_lib.ConfigError, for callers)
+from rdskd_jax.errors import ConfigError
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
@@ -99,75 +105,20 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-def smoke_preset(c: ml_collections.ConfigDict) -> None:
-  """Seconds-long settings for tests: a few steps of every stage on small batches."""
-  c.teacher.epochs = 1
-  c.teacher.batch_size = 512
-  c.teacher.max_train_examples = 4096
-  c.generator.batch_size = 16
-  c.generator.steps = 6
-  c.generator.epoch_length = 3
-  c.student.batch_size = 16
-  c.student.steps = 6
-  c.student.eval_every = 3
-  c.student.agreement_samples = 256
-  c.diagnostic_samples = 256
-  c.image_every = 3
-  c.dafl.batch_size = 16
-  c.dafl.steps = 6
-  c.checkpoint_every = 4
-  c.log_every = 2
+def load_beside(config_file: str, name: str) -> types.ModuleType:
+  """The module `<name>.py` in the directory of `config_file`, loaded by its path.
 
-
-def deep_cpu_preset(c: ml_collections.ConfigDict) -> None:
-  """BatchNorm networks (WRN, ResNet) on a 2-core CPU: small batches and few steps, a run
-  that shows the pipeline working; accuracy needs the paper preset on an accelerator."""
-  c.teacher.epochs = 2
-  c.teacher.max_train_examples = 10000
-  c.generator.batch_size = 64
-  c.generator.steps = 120
-  c.generator.epoch_length = 40
-  c.student.batch_size = 64
-  c.student.steps = 600
-  c.student.epoch_length = 60
-  c.student.eval_every = 200
-  c.image_every = 40
-  c.checkpoint_every = 60
-  c.log_every = 10
-
-
-def deep_smoke_preset(c: ml_collections.ConfigDict) -> None:
-  """Seconds of every stage (the shared smoke settings, with batches a deep net runs
-  quickly on a CPU)."""
-  smoke_preset(c)
-  c.teacher.batch_size = 32
-  c.teacher.max_train_examples = 256
-  c.student.epoch_length = 3
-  c.eval_batch_size = 256
-  c.student.agreement_samples = 64
-
-
-def wrn_config(preset: str, file: str) -> ml_collections.ConfigDict:
-  """WRN-40-2 -> WRN-16-1 with latent 1000 and the SVHN teacher recipe (SGD 0.05, momentum
-  0.9, wd 5e-4, cosine over 40 epochs, batch 128, 2-pixel shifts), with `preset` applied;
-  the caller sets the dataset fields. `file` names the config file in errors."""
-  c = base_config(preset)
-  c.teacher.model = 'wrn_40_2'
-  c.teacher.batch_size = 128
-  c.teacher.epochs = 40
-  c.teacher.optimizer = 'sgd'
-  c.teacher.learning_rate = 0.05
-  c.teacher.momentum = 0.9
-  c.teacher.weight_decay = 5e-4
-  c.teacher.schedule = 'cosine'
-  c.teacher.max_shift = 2
-  c.generator.latent_dim = 1000
-  c.student.model = 'wrn_16_1'
-  c.eval_batch_size = 500
-  if preset == 'cpu':
-    deep_cpu_preset(c)
-  elif preset == 'smoke':
-    deep_smoke_preset(c)
-  elif preset != 'paper':
-    raise ValueError(f"unknown preset {preset!r} for {file}; expected 'paper', 'cpu' or 'smoke'")
-  return c
+  Config files are loaded by path (`--config=/any/where/mnist.py`), from any working
+  directory, so `import configs.presets` would resolve only from the repository root; and a
+  user's copy of `configs/` keeps working with its own `presets.py` beside it.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  module_name = f'_rdskd_config_{name}_{hashlib.sha1(path.encode()).hexdigest()[:12]}'
+  if module_name not in sys.modules:
+    if not os.path.exists(path):
+      raise ConfigError(f'{config_file}: expected {path} beside it (shared presets)')
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+  return sys.modules[module_name]

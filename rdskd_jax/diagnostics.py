@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdskd_jax import models
+from rdskd_jax import evaluation, models
 
 
 def class_coverage(predicted: np.ndarray, num_classes: int) -> Dict[str, float]:
@@ -82,10 +82,8 @@ def _teacher_probs_and_features(teacher, teacher_vars, images):
 
 def teacher_outputs(teacher, teacher_vars, images, batch_size: int = 500):
   """(softmax probabilities, penultimate features) of the teacher in inference mode."""
-  outputs = [_teacher_probs_and_features(teacher, teacher_vars, images[i:i + batch_size])
-             for i in range(0, len(images), batch_size)]
-  return (np.concatenate([np.asarray(p) for p, _ in outputs]),
-          np.concatenate([np.asarray(f) for _, f in outputs]))
+  return evaluation.in_batches(
+      lambda x: _teacher_probs_and_features(teacher, teacher_vars, x), images, batch_size)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -97,9 +95,11 @@ def generated_images(generator, generator_vars, latent_dim: int, key, num_sample
                      batch_size: int = 500, batchnorm: str = 'running'):
   """`num_samples` images of the generator from noise drawn from `key`, `batch_size` at a
   time, its BatchNorm in `batchnorm` mode (models.generate)."""
-  z = jax.random.normal(key, (num_samples, latent_dim))
-  return np.concatenate([np.asarray(_generate(generator, generator_vars,
-                                              z[i:i + batch_size], batchnorm))
+  z = np.asarray(jax.random.normal(key, (num_samples, latent_dim)))
+  generate = lambda noise: _generate(generator, generator_vars, noise, batchnorm)
+  if batchnorm == 'running':  # Each sample its own: a padded last batch changes none.
+    return evaluation.in_batches(generate, z, batch_size)
+  return np.concatenate([np.asarray(generate(z[i:i + batch_size]))
                          for i in range(0, num_samples, batch_size)])
 
 

@@ -17,6 +17,21 @@ from jax.experimental import multihost_utils
 from rdskd_jax import models
 
 
+def in_batches(fn, inputs, batch_size: int):
+  """`fn` (arrays in, a pytree of arrays out, each row its input's alone) over `inputs`,
+  `batch_size` rows at a time, outputs concatenated as numpy arrays. A short last batch is
+  padded to the full size and its outputs trimmed, so a jitted `fn` compiles one shape."""
+  outputs = []
+  for i in range(0, len(inputs), batch_size):
+    chunk = inputs[i:i + batch_size]
+    rows = len(chunk)
+    if i and rows < batch_size:
+      chunk = np.concatenate([np.asarray(chunk),
+                              np.zeros((batch_size - rows, *chunk.shape[1:]), chunk.dtype)])
+    outputs.append(jax.tree.map(lambda a: np.asarray(a)[:rows], fn(chunk)))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def predict(model, variables, images):
   """Top-1 classes of a classifier in inference mode."""
@@ -26,11 +41,8 @@ def predict(model, variables, images):
 def evaluate(model, variables, images, labels, batch_size: int) -> float:
   """Top-1 accuracy of a classifier in inference mode, on (images, labels) of every
   process together (each process holds its own share of the split)."""
-  correct = 0
-  for i in range(0, len(images), batch_size):
-    predicted = predict(model, variables, images[i:i + batch_size])
-    correct += int(jnp.sum(predicted == labels[i:i + batch_size]))
-  counts = np.array([correct, len(images)], np.int64)
+  predicted = in_batches(lambda x: predict(model, variables, x), images, batch_size)
+  counts = np.array([np.sum(predicted == np.asarray(labels)), len(images)], np.int64)
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).sum(axis=0)
   return int(counts[0]) / int(counts[1])

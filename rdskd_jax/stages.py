@@ -16,13 +16,22 @@ from rdskd_jax import data, models, train_steps
 from rdskd_jax.errors import ConfigError
 
 
+# Every random stream of a run is folded from the one root key, key(seed), by name: the
+# stages' per-step noise, the reporting streams, and each network's initial weights. No two
+# streams of one run share a key, and none equals a stream of another seed.
 STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4,
-              'diagnostics': 5, 'dafl': 6}
+              'diagnostics': 5, 'dafl': 6,
+              'teacher_init': 7, 'generator_init': 8, 'student_init': 9}
 
 
 def stage_key(config, stage: str):
   """The root key of a stage's (or a reporting stream's) random numbers."""
   return jax.random.fold_in(jax.random.key(config.seed), STAGE_KEYS[stage])
+
+
+def init_key(config, network: str):
+  """The key of a network's initial weights: 'teacher', 'generator' or 'student'."""
+  return stage_key(config, f'{network}_init')
 
 
 def samples_key(config):
@@ -52,7 +61,7 @@ def teacher_setup(config, model, channels: int, images, labels):
   total = steps_per_epoch * config.teacher.epochs
   tx = train_steps.optimizer(config.teacher, total, steps_per_epoch)
   params, collections = train_steps.classifier_init(
-      model, jax.random.key(config.seed), (config.image_size, config.image_size, channels))
+      model, init_key(config, 'teacher'), (config.image_size, config.image_size, channels))
   state = train_steps.new_train_state(params, tx, **collections)
 
   # Shifted-in pixels take the value of a black pixel after normalisation.
@@ -75,7 +84,8 @@ def teacher_setup(config, model, channels: int, images, labels):
 def generator_setup(config, generator, teacher):
   """The generator's initial train state and its per-device step (teacher frozen)."""
   gcfg = config.generator
-  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  gen_vars = train_steps.init_variables(generator, init_key(config, 'generator'),
+                                         jnp.zeros((2, gcfg.latent_dim)))
   tx = train_steps.optimizer(gcfg, gcfg.steps, gcfg.epoch_length)
   state = train_steps.new_train_state(gen_vars['params'], tx, batch_stats=gen_vars['batch_stats'],
                           loss_refs=jnp.zeros(2, jnp.float32))
@@ -89,10 +99,11 @@ def generator_setup(config, generator, teacher):
 def dafl_setup(config, channels: int, generator, teacher, student):
   """DAFL's joint initial state (generator and student train states) and its step."""
   dcfg, gcfg = config.dafl, config.generator
-  gen_vars = generator.init(jax.random.key(config.seed), jnp.zeros((2, gcfg.latent_dim)))
+  gen_vars = train_steps.init_variables(generator, init_key(config, 'generator'),
+                                         jnp.zeros((2, gcfg.latent_dim)))
   tx_generator = optax.adam(dcfg.generator_learning_rate)
   tx_student = optax.adam(dcfg.student_learning_rate)
-  params, collections = train_steps.classifier_init(student, jax.random.key(config.seed + 1),
+  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
                                         (config.image_size, config.image_size, channels))
   state = {'step': jnp.int32(0),
            'generator': train_steps.new_train_state(gen_vars['params'], tx_generator,
@@ -111,7 +122,7 @@ def student_setup(config, channels: int, generator, teacher, student):
   """The student's initial train state and its per-device step (generator and teacher
   frozen)."""
   scfg = config.student
-  params, collections = train_steps.classifier_init(student, jax.random.key(config.seed + 1),
+  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
                                         (config.image_size, config.image_size, channels))
   tx = train_steps.optimizer(scfg, scfg.steps, scfg.epoch_length)
   state = train_steps.new_train_state(params, tx, **collections)

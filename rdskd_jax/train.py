@@ -4,7 +4,7 @@ distilled on generated samples only, both classifiers evaluated on the real test
 `train_and_evaluate(config, workdir)` is the one entry point of the command line, the tests
 and the notebooks. Each stage resumes from its latest checkpoint in the workdir, and its
 random streams derive from (seed, stage, step), so a resumed run computes what an
-uninterrupted one does. Where things live: the steps in `steps.py`, each stage's state in
+uninterrupted one does. Where things live: the steps in `train_steps.py`, each stage's state in
 `stages.py`, the loop in `runner.py`, the workdir's files in `workdir.py`, the measures in
 `evaluation.py` and `diagnostics.py`.
 """
@@ -72,6 +72,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
 
   A workdir that holds a run of a different config is refused unless `overwrite`.
   """
+  t_call = time.perf_counter()
   par = setup_parallel(config)
   workdir_lib.prepare_workdir(config, workdir, overwrite)
   config, dataset_notes = data.resolve_dataset_fields(config, workdir)
@@ -96,6 +97,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
     raise ConfigError(
         f'config.generator.bn_prior_weight={config.generator.bn_prior_weight}: expected 0 for '
         f'teacher {config.teacher.model!r}, which has no BatchNorm statistics to match')
+  stage_seconds = teacher_report['seconds']  # In this call's stage loops (steps, checkpoints).
   teacher_report['test_accuracy'] = test_accuracy(teacher, teacher_vars)
   if 'steps' in teacher_report:  # Trained here: resumed runs add their seconds.
     teacher_report['seconds'] = report.total_seconds('teacher', teacher_report['seconds'])
@@ -131,6 +133,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
         'dafl', state, frozen, step_fn, config.dafl.steps, lambda s: {
             **watch_generator(s['generator']), **student_accuracy(s['student'])},
         config.student.eval_every)
+    stage_seconds += seconds
     gen_vars, student_vars = (train_steps.variables_of(state['generator']),
                               train_steps.variables_of(state['student']))
     student_steps = config.dafl.steps
@@ -142,6 +145,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
     state, step_fn = stages.generator_setup(config, generator, teacher)
     state, seconds = stage('generator', state, frozen, step_fn, gcfg.steps, watch_generator,
                            config.image_every)
+    stage_seconds += seconds
     gen_vars = train_steps.variables_of(state)
     report.add('generator', {'steps': gcfg.steps,
                              'seconds': report.total_seconds('generator', seconds)})
@@ -157,6 +161,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
     state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
     state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
                            config.student.steps, student_accuracy, config.student.eval_every)
+    stage_seconds += seconds
     student_vars = train_steps.variables_of(state)
     student_steps = config.student.steps
     student_seconds = report.total_seconds('student', seconds)
@@ -174,4 +179,9 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
     plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
                       teacher_vars, gcfg.latent_dim, config, stages.samples_key(config))
     plot.save_curves(workdir)
+  # This call alone (a resumed run times its own part): the time outside the stages' loops
+  # is set-up, evaluation, the reporting callbacks, diagnostics, agreement and figures.
+  wall = time.perf_counter() - t_call
+  report.add('timing', {'call_seconds': wall, 'stage_loop_seconds': stage_seconds,
+                        'outside_stage_loops_seconds': wall - stage_seconds})
   return report.content

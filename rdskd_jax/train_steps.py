@@ -84,9 +84,16 @@ def new_train_state(params, tx, **extra):
           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}, **extra}
 
 
+def init_variables(module, key, example):
+  """A module's initial variables, computed as one compiled program: run op by op, an
+  initialisation compiles each of its many small operations separately, which takes longer
+  (the same bits either way)."""
+  return jax.jit(module.init)(key, example)
+
+
 def classifier_init(model, key, image_shape):
   """(params, other variable collections) of a classifier, e.g. BatchNorm statistics."""
-  variables = model.init(key, jnp.zeros((1, *image_shape)))
+  variables = init_variables(model, key, jnp.zeros((1, *image_shape)))
   return variables['params'], {k: v for k, v in variables.items() if k != 'params'}
 
 
@@ -153,6 +160,25 @@ def teacher_forward(teacher, variables, images, *, bn_prior: bool = False, axis_
   return logits, features, losses.bn_statistics_loss(*zip(*captured))
 
 
+def _generate_for_teacher(generator, params, batch_stats, z, teacher, teacher_vars,
+                          bn_prior_weight, axis_name):
+  """What a generator loss sees: the images of the generator in training mode (BatchNorm
+  on the batch) and its new statistics, and the frozen teacher's logits, features and
+  BatchNorm prior on them (the prior computed only when it is weighted)."""
+  images, updates = generator.apply({'params': params, 'batch_stats': batch_stats}, z,
+                                    train=True, mutable=['batch_stats'])
+  logits, features, bn_prior = teacher_forward(
+      teacher, teacher_vars, images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
+  return images, updates['batch_stats'], logits, features, bn_prior
+
+
+def _with_bn_prior(total, aux, bn_prior, bn_prior_weight):
+  """A generator loss and its parts with the weighted BatchNorm prior added, if any."""
+  if bn_prior_weight > 0:
+    return total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
+  return total, aux
+
+
 def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_size,
                    latent_dim, epoch_length, axis_name, bn_prior_weight=0.0):
   """One RDSKD generator step (teacher frozen in inference mode).
@@ -165,16 +191,13 @@ def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_siz
   ref_one_hot, ref_entropy = state['loss_refs'][0], state['loss_refs'][1]
 
   def loss_fn(params):
-    images, updates = generator.apply(
-        {'params': params, 'batch_stats': state['batch_stats']}, z, train=True,
-        mutable=['batch_stats'])
-    teacher_logits, _, bn_prior = teacher_forward(
-        teacher, frozen['teacher'], images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
+    images, batch_stats, teacher_logits, _, bn_prior = _generate_for_teacher(
+        generator, params, state['batch_stats'], z, teacher, frozen['teacher'],
+        bn_prior_weight, axis_name)
     total, aux = losses.rdskd_generator_loss(images, teacher_logits, ref_one_hot,
                                              ref_entropy, axis_name=axis_name)
-    if bn_prior_weight > 0:
-      total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
-    return total, (aux, updates['batch_stats'])
+    total, aux = _with_bn_prior(total, aux, bn_prior, bn_prior_weight)
+    return total, (aux, batch_stats)
 
   (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       _in_compute_precision(state['params'], generator.dtype))
@@ -221,15 +244,12 @@ def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_genera
   g_state, s_state = state['generator'], state['student']
 
   def generator_loss(params):
-    images, updates = generator.apply(
-        {'params': params, 'batch_stats': g_state['batch_stats']}, z, train=True,
-        mutable=['batch_stats'])
-    logits, features, bn_prior = teacher_forward(
-        teacher, frozen['teacher'], images, bn_prior=bn_prior_weight > 0, axis_name=axis_name)
+    images, batch_stats, logits, features, bn_prior = _generate_for_teacher(
+        generator, params, g_state['batch_stats'], z, teacher, frozen['teacher'],
+        bn_prior_weight, axis_name)
     total, aux = losses.dafl_generator_loss(logits, features, alpha, beta, axis_name=axis_name)
-    if bn_prior_weight > 0:
-      total, aux = total + bn_prior_weight * bn_prior, dict(aux, bn_prior=bn_prior)
-    return total, (aux, updates['batch_stats'], images, logits)
+    total, aux = _with_bn_prior(total, aux, bn_prior, bn_prior_weight)
+    return total, (aux, batch_stats, images, logits)
 
   (g_total, (aux, g_stats, images, teacher_logits)), g_grads = jax.value_and_grad(
       generator_loss, has_aux=True)(_in_compute_precision(g_state['params'], generator.dtype))

@@ -107,3 +107,18 @@ def test_reading_a_config_file_imports_no_jax():
                        timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('name', ['mnist', 'cifar10', 'svhn', 'tfds'])
+def test_a_config_file_loads_by_path_from_any_directory(tmp_path, name):
+  """The shared presets load beside the config file, not through `import configs`, so an
+  absolute --config path works from a directory where `configs` is no package."""
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  code = ('from absl import flags; from ml_collections import config_flags; '
+          "c = config_flags.DEFINE_config_file('config'); "
+          f"flags.FLAGS(['x', '--config={path}:smoke']); "
+          'print(c.value.preset, c.value.generator.steps)')
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['smoke', '6']

@@ -44,3 +44,19 @@ def test_measures_compile_once_for_new_variables():
   measure_all(0.01)
   measure_all(0.02)
   assert [f._cache_size() for f in jitted] == after_first
+
+
+def test_in_batches_compiles_one_shape_and_trims_the_padding():
+  shapes = []
+
+  @jax.jit
+  def double(x):
+    shapes.append(x.shape)  # Runs once per traced shape.
+    return {'twice': 2 * x, 'sum': x.sum(-1)}
+
+  x = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+  out = evaluation.in_batches(double, x, 10)
+  np.testing.assert_array_equal(out['twice'], 2 * x)
+  np.testing.assert_array_equal(out['sum'], x.sum(-1))
+  assert shapes == [(10, 3)]
+  assert evaluation.in_batches(double, x[:4], 10)['twice'].shape == (4, 3)  # One short batch.

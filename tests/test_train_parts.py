@@ -93,3 +93,25 @@ def test_workdirs_and_reports_from_before_generator_batchnorm_still_load(tmp_pat
   config.student.generator_batchnorm = 'batch'
   assert workdir_lib.config_differences(saved, config) == {
       'student.generator_batchnorm': ('running', 'batch')}
+
+
+def test_every_stream_of_every_seed_has_its_own_key(smoke_config):
+  """Initial weights and per-step noise fold from one root key per run, by name: no two
+  networks or streams of a run share a key, nor do a run and the next seed's run."""
+  keys = {}
+  for seed in range(3):
+    config = smoke_config.copy_and_resolve_references()
+    config.seed = seed
+    for name in stages.STAGE_KEYS:
+      keys[seed, name] = tuple(np.asarray(jax.random.key_data(stages.stage_key(config, name))))
+  assert len(set(keys.values())) == len(keys) == 3 * len(stages.STAGE_KEYS)
+  for network in ('teacher', 'generator', 'student'):
+    assert keys[0, f'{network}_init'] == tuple(
+        np.asarray(jax.random.key_data(stages.init_key(smoke_config, network))))
+
+  # The stages start from those keys: the student's initial weights are its named key's.
+  _, generator, student = stages.build_networks(smoke_config, 10, 1)
+  state, _ = stages.student_setup(smoke_config, 1, generator, None, student)
+  expected, _ = train_steps.classifier_init(student, stages.init_key(smoke_config, 'student'),
+                                            (32, 32, 1))
+  jax.tree.map(np.testing.assert_array_equal, state['params'], expected)
