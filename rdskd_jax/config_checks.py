@@ -1,7 +1,12 @@
 """Config checks: every bad value is a one-line `ConfigError` naming the field and value."""
 
+import math
+import warnings
+
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rdskd_jax import models, parallel
 from rdskd_jax.errors import ConfigError
@@ -33,6 +38,46 @@ def _get(config, field):
   return config
 
 
+def _non_finite_field(tree, prefix=''):
+  """The first field (dotted name, value) holding an infinite or NaN number, or None."""
+  for name, value in tree.items():
+    field = f'{prefix}{name}'
+    if isinstance(value, dict):
+      found = _non_finite_field(value, f'{field}.')
+      if found:
+        return found
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+      return field, value
+  return None
+
+
+def _takes_images(model: str, size: int, channels: int) -> bool:
+  """Whether classifier `model` can take size x size images (traced, not run)."""
+  network = models.create_classifier(model, 10)
+  try:
+    with warnings.catch_warnings(), np.errstate(divide='ignore'):
+      warnings.simplefilter('ignore')
+      jax.eval_shape(lambda: network.init(jax.random.key(0),
+                                          jnp.zeros((1, size, size, channels))))
+    return True
+  except Exception:  # Shape errors of any kind: a too small image leaves nothing to convolve.
+    return False
+
+
+def check_image_size(config, channels: int) -> None:
+  """Raises ConfigError when the teacher or the student cannot take the run's images,
+  naming the smallest size (a multiple of 4, as the generator needs) that works."""
+  size = config.image_size
+  for stage in ('teacher', 'student'):
+    model = config[stage].model
+    if not _takes_images(model, size, channels):
+      smallest = next((s for s in range(4, 513, 4) if _takes_images(model, s, channels)), None)
+      raise ConfigError(
+          f'config.image_size={size}: expected at least {smallest} for {stage} {model!r} '
+          f'({size}x{size} images leave it nothing to convolve)')
+
+
 def devices_used(config, available_devices: int) -> int:
   """How many devices a run of `config` uses when `available_devices` exist."""
   if config.parallel == 'none':
@@ -43,6 +88,9 @@ def devices_used(config, available_devices: int) -> int:
 def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> None:
   """Raises ConfigError on the first value the pipeline cannot run with, on a machine (or
   multi-process run) with `available_devices` devices."""
+  found = _non_finite_field(config.to_dict())
+  if found:
+    raise ConfigError(f'config.{found[0]}={found[1]!r}: expected a finite number')
   _require(isinstance(config.dataset, str) and config.dataset, 'dataset', config.dataset,
            'a tfds dataset name')
   _require(config.method in ('rdskd', 'dafl'), 'method', config.method, "'rdskd' or 'dafl'")

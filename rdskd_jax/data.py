@@ -70,10 +70,10 @@ def resolve_dataset_fields(config, workdir: str):
                     'per channel each, or both empty')
   if not config.mean:
     cache = os.path.join(workdir, 'normalization.json')
-    if os.path.exists(cache):
+    try:  # A cache: a damaged one is computed again.
       with open(cache) as f:
         stats = json.load(f)
-    else:
+    except (OSError, ValueError):
       mean, std = channel_statistics(config)
       stats = {'dataset': config.dataset, 'split': 'train', 'mean': mean, 'std': std}
       if jax.process_index() == 0:

@@ -8,10 +8,10 @@ the same command to resume). --verbose shows the traceback instead.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from rdskd_jax.errors import ConfigError, DataError, Preempted, RunStopped
+from rdskd_jax.errors import run_reporting_errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally :preset.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and report.')
@@ -49,19 +49,11 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _VERBOSE.value:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   # After the flags: a bad command line answers in one line, before TensorFlow (under tfds)
   # prints its start-up lines and JAX loads.
   from rdskd_jax import train
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
-  except (ConfigError, DataError, RunStopped) as e:
-    if _VERBOSE.value:
-      raise
-    preempted = isinstance(e, Preempted)
-    print(f'{"stopped" if preempted else "error"}: {e}', file=sys.stderr)
-    sys.exit(143 if preempted else 3 if isinstance(e, RunStopped) else 2)
+  run_reporting_errors(lambda: train.train_and_evaluate(
+      _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value), _VERBOSE.value)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,24 @@ import numpy as np
 from clu import metric_writers
 
 from rdskd_jax import parallel
+from rdskd_jax.errors import DataError
+
+
+def read_rows(path: str):
+  """The rows of a metrics.jsonl. A last line cut short (a crash or a full disk during an
+  append) is dropped with a note on stderr; a damaged line before it is a DataError."""
+  with open(path) as f:
+    lines = [line for line in f.read().split('\n') if line.strip()]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise DataError(f'{path}: line {number} of {len(lines)} is not JSON ({line[:60]!r}); '
+                        'delete the damaged lines or the file') from None
+      say(f'note: {path}: dropped its last line, cut short ({line[:60]!r})')
+  return rows
 
 
 class MetricsLog:
@@ -34,9 +52,10 @@ class MetricsLog:
     if not parallel.is_main_process() or not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      lines = sum(1 for line in f if line.strip())
+    rows = read_rows(self.path)
     keep = [r for r in rows if r['stage'] != stage or r['step'] <= step]
-    if len(keep) != len(rows):
+    if len(keep) != lines:
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in keep)
       os.replace(self.path + '.tmp', self.path)

@@ -4,7 +4,6 @@
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -15,9 +14,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
 
-from rdskd_jax import diagnostics, evaluation, stages  # noqa: E402
+from rdskd_jax import diagnostics, evaluation, metrics, stages  # noqa: E402
 from rdskd_jax import workdir as workdir_lib  # noqa: E402
-from rdskd_jax.errors import RunStopped  # noqa: E402
+from rdskd_jax.errors import ConfigError, DataError, RunStopped  # noqa: E402
 
 
 def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_dim, config,
@@ -80,10 +79,10 @@ def save_curves(workdir: str, path: str = '') -> str:
   """`curves.png` from `metrics.jsonl`: the generator's losses, the student's KD loss, and
   the student's test accuracy (reporting rows and the final value in report.json) per
   logged step. Returns the path written."""
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))
-          if line.strip()]
+  rows = metrics.read_rows(os.path.join(workdir, 'metrics.jsonl'))
   report_path = os.path.join(workdir, 'report.json')
-  report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+  report = (workdir_lib.read_json(report_path, "run the job's command again to rebuild it")
+            if os.path.exists(report_path) else {})
   by_stage = lambda stage: [r for r in rows if r['stage'] == stage]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
   generator = by_stage('generator') or by_stage('dafl')  # DAFL: one joint stage.
@@ -132,9 +131,12 @@ def main(argv=None) -> int:
     print(f'error: {args.workdir!r} has no metrics.jsonl: not the workdir of a run',
           file=sys.stderr)
     return 2
-  print(save_curves(args.workdir))
   try:
+    print(save_curves(args.workdir))
     run = workdir_lib.load_run(args.workdir)
+  except (ConfigError, DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   except RunStopped as e:
     print(f'samples.png not refreshed: {e}', file=sys.stderr)
     return 1

@@ -66,9 +66,7 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
   returns, and its time is not counted in the stage's seconds.
   """
   manager = workdir_lib.checkpoint_manager(workdir, stage)
-  start = manager.latest_step() or 0
-  if start:
-    state = workdir_lib.restore_like(manager, start, state)
+  state, start = workdir_lib.restore_latest_readable(manager, state, stage)
   log.resume(stage, start)
   wrapped = par.wrap(step_fn, num_batch_args=0 if batches is None else 2)
   device_state, device_frozen = par.replicate(state), par.replicate(frozen)
@@ -93,6 +91,13 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
               f'a non-finite loss or gradient and were skipped (config.max_bad_steps='
               f'{config.max_bad_steps}); the last checkpoint is step '
               f'{manager.latest_step()}. Try a lower learning rate.')
+        if done == total_steps and 2 * metrics['skipped_steps'].max() > total_steps:
+          which = (f'run {int(metrics["skipped_steps"].argmax())} of this group: '
+                   if metrics['skipped_steps'].ndim else '')
+          raise NonFiniteError(
+              f'{stage}: {which}{int(metrics["skipped_steps"].max())} of its {total_steps} '
+              'steps had a non-finite loss, gradient or update and were skipped; its result '
+              'is not a trained network. Try a lower learning rate.')
         if report_now:
           t_report = time.perf_counter()
           metrics.update(report_fn(par.to_host(device_state)))
@@ -101,12 +106,29 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
         progress.show(done, metrics)
       stop = done < total_steps and _stop_now(sigterm, done, config.log_every)
       if done % config.checkpoint_every == 0 or done == total_steps or stop:
-        manager.save(done, args=ocp.args.StandardSave(par.to_host(device_state)))
+        _save(manager, stage, done, par.to_host(device_state))
       if stop:
-        manager.wait_until_finished()
+        _wait(manager, stage)
         log.flush()
         raise Preempted(f'{stage}: stopped by SIGTERM after step {done}/{total_steps}, which '
                         'is checkpointed; run the same command again to resume')
-  manager.wait_until_finished()
+  _wait(manager, stage)
   log.flush()
   return par.to_host(device_state), time.perf_counter() - t0 - reporting_seconds
+
+
+def _save(manager, stage, step, state):
+  """Starts saving a checkpoint (asynchronously: an earlier save's failure surfaces here)."""
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state))
+  except (OSError, ValueError) as e:  # Orbax reports failed writes as ValueError.
+    raise workdir_lib.storage_error(f'{stage} checkpoints (by step {step})',
+                                    str(manager.directory), e) from None
+
+
+def _wait(manager, stage):
+  try:
+    manager.wait_until_finished()
+  except (OSError, ValueError) as e:
+    raise workdir_lib.storage_error(f'{stage} checkpoints', str(manager.directory),
+                                    e) from None

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rdskd_jax import data, models, train_steps
+from rdskd_jax import config_checks, data, models, train_steps
 from rdskd_jax.errors import ConfigError
 
 
@@ -40,7 +40,9 @@ def samples_key(config):
 
 
 def build_networks(config, num_classes: int, channels: int):
-  """The run's (teacher, generator, student) modules, computing in `config.dtype`."""
+  """The run's (teacher, generator, student) modules, computing in `config.dtype`; a
+  ConfigError when a classifier cannot take the run's image size."""
+  config_checks.check_image_size(config, channels)
   dtype = models.DTYPES[config.dtype]
   teacher = models.create_classifier(config.teacher.model, num_classes, dtype)
   generator = models.Generator(image_size=config.image_size, channels=channels,

@@ -27,19 +27,18 @@ import copy
 import itertools
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from rdskd_jax import (config_checks, data, evaluation, metrics, parallel, runner, stages,
                        train, train_steps, workdir as workdir_lib)
-from rdskd_jax.errors import ConfigError, DataError, Preempted, RunStopped
+from rdskd_jax.errors import ConfigError, run_reporting_errors
 
 # Fields that may differ within one vmapped group (no shape or program depends on them).
 VMAPPED_FIELDS = ('seed', 'generator.learning_rate', 'student.learning_rate',
@@ -152,10 +151,31 @@ def _run_group_stage(stage, configs, workdir, states, frozen, frozen_axes, step_
                           _stack(states), frozen, step_fn, total, log, keys)
 
 
+def prepare_group_workdir(configs, workdir: str) -> None:
+  """Creates a group's workdir with `configs.json`, its runs' configs, and refuses one that
+  holds other runs (another grid or seed count over the same sweep workdir), as a run's
+  workdir refuses another config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'configs.json')
+  if not os.path.exists(path):
+    workdir_lib.write_json_atomic(path, [c.to_dict() for c in configs])
+    return
+  saved = workdir_lib.read_json(path, 'use another --workdir for this sweep')
+  if len(saved) != len(configs):
+    raise ConfigError(f'sweep group {workdir!r} holds {len(saved)} runs, this sweep puts '
+                      f'{len(configs)} there (another grid or --seeds); use another --workdir')
+  for r, (old, config) in enumerate(zip(saved, configs)):
+    differences = workdir_lib.config_differences(old, config)
+    if differences:
+      listed = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
+      raise ConfigError(f'sweep group {workdir!r} holds other runs (run {r}: {listed}); '
+                        'use another --workdir')
+
+
 def run_group(configs, workdir, teacher, generator, student, teacher_vars, channels,
               test_images, test_labels):
   """All runs of one group, vmapped; returns [{'test_accuracy', 'generated_agreement'}]."""
-  os.makedirs(workdir, exist_ok=True)
+  prepare_group_workdir(configs, workdir)
   log = metrics.MetricsLog(workdir)
   unit = [_unit_learning_rates(c) for c in configs]
   frozen = {'teacher': teacher_vars}
@@ -221,6 +241,12 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
   """Runs the sweep (resuming what is done) and returns the sweep.json content."""
   if seeds < 1:
     raise ConfigError(f'--seeds={seeds}: expected a positive count')
+  with workdir_lib.WorkdirLock(workdir):
+    return _sweep(config, workdir, seeds, grid_text, vmap)
+
+
+def _sweep(config, workdir, seeds, grid_text, vmap):
+  """sweep's work, with the sweep's workdir locked."""
   grid = parse_grid(grid_text)
   config = copy.deepcopy(config)
   config.parallel = 'none'  # One device; the runs themselves are the batch axis.
@@ -301,14 +327,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
-  try:
-    result = sweep(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _GRID.value,
-                   use_vmap(_VMAP.value, jax.default_backend()))
-  except (ConfigError, DataError, RunStopped) as e:
-    preempted = isinstance(e, Preempted)
-    print(f'{"stopped" if preempted else "error"}: {e}', file=sys.stderr)
-    sys.exit(143 if preempted else 3 if isinstance(e, RunStopped) else 2)
+  result = run_reporting_errors(lambda: sweep(
+      _CONFIG.value, _WORKDIR.value, _SEEDS.value, _GRID.value,
+      use_vmap(_VMAP.value, jax.default_backend())))
   print(summary_table(result))
 
 

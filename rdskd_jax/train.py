@@ -9,7 +9,6 @@ uninterrupted one does. Where things live: the steps in `train_steps.py`, each s
 `evaluation.py` and `diagnostics.py`.
 """
 
-import json
 import os
 import time
 from typing import Any, Dict
@@ -56,7 +55,15 @@ class Report:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'report.json')
-    self.content = json.load(open(self.path)) if os.path.exists(self.path) else {}
+    self.content = {}
+    if os.path.exists(self.path):
+      try:
+        self.content = workdir_lib.read_json(self.path, '')
+      except ConfigError:  # Rebuilt from the checkpoints; its seconds restart from here.
+        if parallel.is_main_process():
+          aside = workdir_lib.set_aside(self.path)
+          metrics.say(f'note: {self.path} was damaged (not JSON), set aside as '
+                      f'{os.path.basename(aside)}; rebuilding it from the checkpoints')
 
   def total_seconds(self, section: str, this_run: float) -> float:
     """A stage's training seconds over all runs of the workdir."""
@@ -74,6 +81,12 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[st
   """
   t_call = time.perf_counter()
   par = setup_parallel(config)
+  with workdir_lib.WorkdirLock(workdir):
+    return _run_stages(config, workdir, overwrite, par, t_call)
+
+
+def _run_stages(config, workdir, overwrite, par, t_call):
+  """train_and_evaluate's work, with the workdir locked."""
   workdir_lib.prepare_workdir(config, workdir, overwrite)
   config, dataset_notes = data.resolve_dataset_fields(config, workdir)
   report = Report(workdir)

@@ -48,7 +48,8 @@ def _in_compute_precision(params, dtype):
 
 def apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
   """One Adam step, with `new_parts` (BatchNorm statistics, loss references) replacing
-  their state entries; skipped when the loss or any gradient is not finite.
+  their state entries; skipped when the loss, any gradient or any updated entry is not
+  finite (an infinite learning rate turns finite gradients into infinite parameters).
 
   A state with an `lr_scale` entry (a vmapped sweep, where runs differ in learning rate)
   has a `tx` built with learning rate 1: updates of Adam and SGD are linear in it, and the
@@ -69,7 +70,8 @@ def apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
     updates = jax.tree.map(lambda u: u * state['lr_scale'].astype(u.dtype), updates)
   updated = dict(state, params=optax.apply_updates(state['params'], updates),
                  opt_state=opt_state, **new_parts)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  finite = (jnp.isfinite(loss) & _all_finite(grads)
+            & _all_finite((updated['params'], new_parts)))
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
   bad = state['nonfinite']
   return dict(kept, step=state['step'] + 1, nonfinite={

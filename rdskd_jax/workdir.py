@@ -7,9 +7,15 @@ report.json, and `load_run`, which restores a finished (or partly finished) run.
     W/teacher_variables/    the trained teacher alone, for another run's teacher.checkpoint
 """
 
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import socket
+import sys
+import time
 from typing import Any, Dict, NamedTuple
 
 import jax
@@ -21,7 +27,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from rdskd_jax import parallel, stages, train_steps
-from rdskd_jax.errors import ConfigError, RunStopped
+from rdskd_jax.errors import ConfigError, RunStopped, StorageError
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -34,6 +40,37 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def storage_error(what: str, path: str, error: Exception) -> StorageError:
+  """A one-line StorageError for a failed write of `what` at `path`, from an OSError or
+  from Orbax (whose errors carry the operating system's code in their text)."""
+  code = getattr(error, 'errno', None)
+  found = re.search(r"os_error_code='(\d+)'", str(error))
+  if code is None and found:
+    code = int(found.group(1))
+  reason = os.strerror(code) if code else (str(error).strip().splitlines() or [''])[0][:160]
+  advice = ('the disk is full: free space, then run the same command again to resume'
+            if code == errno.ENOSPC else 'fix that, then run the same command again to resume')
+  return StorageError(f'writing {what} to {path} failed ({reason}); {advice}')
+
+
+def read_json(path: str, fix: str):
+  """The JSON content of `path`; a damaged file is a ConfigError that says `fix`."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is damaged (not JSON: {e}); {fix}') from None
+
+
+def set_aside(path: str) -> str:
+  """Renames a damaged file to `<path>.damaged` (never deleted); returns the new name."""
+  aside = f'{path}.damaged'
+  while os.path.exists(aside):
+    aside += '_'
+  os.rename(path, aside)
+  return aside
+
+
 def checkpoint_manager(workdir: str, stage: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints', stage),
@@ -44,6 +81,30 @@ def restore_like(manager, step, template):
   restored = manager.restore(step, args=ocp.args.StandardRestore(
       jax.tree.map(ocp.utils.to_shape_dtype_struct, template)))
   return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
+
+
+def restore_latest_readable(manager, template, stage: str):
+  """(state, step) from the newest checkpoint of `manager` that can be read, else
+  (template, 0).
+
+  A checkpoint that cannot be read (a crash during its write, a bad disk) is set aside as
+  `<step>.damaged` (renamed, not deleted) with one line on stderr, and the next older one
+  is tried; the stage then recomputes the steps after it as an uninterrupted run does.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore_like(manager, step, template), step
+    except Exception as e:  # Orbax raises many types for a damaged checkpoint.
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      path = os.path.join(str(manager.directory), str(step))
+      if parallel.is_main_process():
+        aside = set_aside(path)
+        print(f'[{stage}] checkpoint {path} cannot be read ({reason}); set aside as '
+              f'{os.path.basename(aside)}, trying the one before', file=sys.stderr, flush=True)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'set aside {path}')
+      manager.reload()
+  return template, 0
 
 
 def restore_teacher(config, model, channels: int):
@@ -73,8 +134,11 @@ def save_teacher_variables(workdir: str, variables) -> None:
     exists = bool(multihost_utils.broadcast_one_to_all(np.array(exists)))
   if not exists:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, variables)
-    checkpointer.wait_until_finished()
+    try:
+      checkpointer.save(path, variables)
+      checkpointer.wait_until_finished()
+    except (OSError, ValueError) as e:  # Orbax reports failed writes as ValueError.
+      raise storage_error('the teacher variables', path, e) from None
 
 
 # Fields that change how a run is executed or reported, never what it computes; a
@@ -105,9 +169,8 @@ def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
           if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)}
 
 
-def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
-  """Creates the workdir, checks that it is writable, and refuses one that holds a run of
-  a different config (`overwrite`: delete that run's files first)."""
+def make_writable_workdir(workdir: str) -> None:
+  """Creates the workdir; a ConfigError when it cannot be written to."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test.{jax.process_index()}.{os.getpid()}')
@@ -118,9 +181,60 @@ def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
     raise ConfigError(
         f'workdir {workdir!r}: cannot write there ({e.strerror or type(e).__name__}); '
         'choose a directory you can write to') from None
+
+
+class WorkdirLock:
+  """One run per workdir: within `with`, process 0 holds an exclusive lock on
+  `<workdir>/.lock`. The operating system releases it when the process ends, however it
+  ends, so a lock is never stale; a second start on the workdir is a ConfigError naming the
+  holder."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.file = workdir, None
+
+  def __enter__(self):
+    if not parallel.is_main_process():
+      return self
+    make_writable_workdir(self.workdir)
+    path = os.path.join(self.workdir, '.lock')
+    self.file = open(path, 'a+')
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self.file.seek(0)
+      holder = self.file.read().strip() or 'another process'
+      self.file.close()
+      self.file = None
+      raise ConfigError(f'workdir {self.workdir!r} is in use by another run ({holder}); wait '
+                        'for it to end, stop it, or use another workdir') from None
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.write(f'pid {os.getpid()} on {socket.gethostname()}, since '
+                    f'{time.strftime("%Y-%m-%d %H:%M:%S")}')
+    self.file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self.file is not None:
+      self.file.truncate(0)
+      fcntl.flock(self.file, fcntl.LOCK_UN)
+      self.file.close()
+      self.file = None
+
+
+def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
+  """Creates the workdir, checks that it is writable, and refuses one that holds a run of
+  a different config (`overwrite`: delete that run's files first)."""
+  make_writable_workdir(workdir)
   saved_path = os.path.join(workdir, 'config.json')
   if os.path.exists(saved_path):
-    differences = config_differences(json.load(open(saved_path)), config)
+    try:
+      differences = config_differences(read_json(saved_path, (
+          'restore it, or run with --overwrite to delete the run there')), config)
+    except ConfigError:
+      if not overwrite:
+        raise
+      differences = {'config.json': ('damaged', 'new')}
     if differences and not overwrite:
       listed = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, a, b in
                          ((k, *v) for k, v in differences.items()))
@@ -154,9 +268,10 @@ def load_run(workdir: str) -> Run:
   latest checkpoints; for plots and notebooks. Raises RunStopped when the run has not
   got as far as a generator checkpoint."""
   report_path = os.path.join(workdir, 'report.json')
-  if not os.path.exists(report_path) or 'dataset_fields' not in json.load(open(report_path)):
+  fix = "run the job's command again to rebuild it"
+  if not os.path.exists(report_path) or 'dataset_fields' not in read_json(report_path, fix):
     raise RunStopped(f'{workdir!r} has no report.json of this version: run the job first')
-  report = json.load(open(report_path))
+  report = read_json(report_path, fix)
   config = ml_collections.ConfigDict(with_fields_added_later(report['config']))
   fields = report['dataset_fields']
   teacher, generator, student = stages.build_networks(config, fields['num_classes'], fields['channels'])

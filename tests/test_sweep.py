@@ -95,3 +95,20 @@ def test_vmapped_runs_equal_separate_runs(sweeps):
 
 def _leaves(tree):
   return jax.tree.leaves(tree)
+
+
+def test_a_group_workdir_refuses_other_runs(tmp_path):
+  from configs import mnist
+  base = mnist.get_config('smoke')
+  runs = [run for _, _, run in sweep.run_configs(base, 2, sweep.parse_grid(
+      'generator.learning_rate=1e-3'))]
+  sweep.prepare_group_workdir(runs, str(tmp_path))
+  sweep.prepare_group_workdir(runs, str(tmp_path))  # The same runs: resumed.
+  other = [run for _, _, run in sweep.run_configs(base, 2, sweep.parse_grid(
+      'generator.learning_rate=0.5'))]
+  with pytest.raises(config_lib.ConfigError, match=r"holds other runs \(run 0: "
+                     r"generator.learning_rate: 0.001 there, 0.5 now\); use another"):
+    sweep.prepare_group_workdir(other, str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match='holds 2 runs, this sweep puts 3 there'):
+    sweep.prepare_group_workdir(
+        [run for _, _, run in sweep.run_configs(base, 3, [{}])], str(tmp_path))
