@@ -16,6 +16,11 @@ from rdskd_jax.errors import DataError
 def read_rows(path: str):
   """The rows of a metrics.jsonl. A last line cut short (a crash or a full disk during an
   append) is dropped with a note on stderr; a damaged line before it is a DataError."""
+  return _read_rows_and_count(path)[0]
+
+
+def _read_rows_and_count(path: str):
+  """(read_rows(path), the number of non-empty lines the file holds)."""
   with open(path) as f:
     lines = [line for line in f.read().split('\n') if line.strip()]
   rows = []
@@ -27,7 +32,7 @@ def read_rows(path: str):
         raise DataError(f'{path}: line {number} of {len(lines)} is not JSON ({line[:60]!r}); '
                         'delete the damaged lines or the file') from None
       say(f'note: {path}: dropped its last line, cut short ({line[:60]!r})')
-  return rows
+  return rows, len(lines)
 
 
 class MetricsLog:
@@ -51,9 +56,7 @@ class MetricsLog:
   def resume(self, stage: str, step: int) -> None:
     if not parallel.is_main_process() or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = sum(1 for line in f if line.strip())
-    rows = read_rows(self.path)
+    rows, lines = _read_rows_and_count(self.path)
     keep = [r for r in rows if r['stage'] != stage or r['step'] <= step]
     if len(keep) != lines:
       with open(self.path + '.tmp', 'w') as f:

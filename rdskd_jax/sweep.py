@@ -167,9 +167,8 @@ def prepare_group_workdir(configs, workdir: str) -> None:
   for r, (old, config) in enumerate(zip(saved, configs)):
     differences = workdir_lib.config_differences(old, config)
     if differences:
-      listed = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
-      raise ConfigError(f'sweep group {workdir!r} holds other runs (run {r}: {listed}); '
-                        'use another --workdir')
+      raise ConfigError(f'sweep group {workdir!r} holds other runs (run {r}: '
+                        f'{workdir_lib.describe_differences(differences)}); use another --workdir')
 
 
 def run_group(configs, workdir, teacher, generator, student, teacher_vars, channels,

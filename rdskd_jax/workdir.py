@@ -222,6 +222,11 @@ class WorkdirLock:
       self.file = None
 
 
+def describe_differences(differences: Dict[str, tuple]) -> str:
+  """config_differences as one line: 'field: old there, new now; ...'."""
+  return '; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
+
+
 def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
   """Creates the workdir, checks that it is writable, and refuses one that holds a run of
   a different config (`overwrite`: delete that run's files first)."""
@@ -236,11 +241,10 @@ def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
         raise
       differences = {'config.json': ('damaged', 'new')}
     if differences and not overwrite:
-      listed = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, a, b in
-                         ((k, *v) for k, v in differences.items()))
       raise ConfigError(
-          f'workdir {workdir!r} holds a run of another config ({listed}); use another '
-          'workdir, or --overwrite to delete that run')
+          f'workdir {workdir!r} holds a run of another config '
+          f'({describe_differences(differences)}); use another workdir, or --overwrite to '
+          'delete that run')
     if differences and parallel.is_main_process():
       for name in _RUN_FILES:
         path = os.path.join(workdir, name)
