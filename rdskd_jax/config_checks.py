@@ -65,11 +65,11 @@ def _takes_images(model: str, size: int, channels: int) -> bool:
     return False
 
 
-def check_image_size(config, channels: int) -> None:
+def check_image_size(config, channels: int, check_teacher: bool = True) -> None:
   """Raises ConfigError when the teacher or the student cannot take the run's images,
   naming the smallest size (a multiple of 4, as the generator needs) that works."""
   size = config.image_size
-  for stage in ('teacher', 'student'):
+  for stage in ('teacher', 'student')[0 if check_teacher else 1:]:
     model = config[stage].model
     if not _takes_images(model, size, channels):
       smallest = next((s for s in range(4, 513, 4) if _takes_images(model, s, channels)), None)
@@ -91,8 +91,18 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   found = _non_finite_field(config.to_dict())
   if found:
     raise ConfigError(f'config.{found[0]}={found[1]!r}: expected a finite number')
-  _require(isinstance(config.dataset, str) and config.dataset, 'dataset', config.dataset,
-           'a tfds dataset name')
+  _require(isinstance(config.dataset, str), 'dataset', config.dataset,
+           "a tfds dataset name, or '' (none)")
+  if not config.dataset:  # Everything a dataset would have said comes from the config.
+    for field in ('num_classes', 'channels', 'image_size'):
+      _require(isinstance(config[field], int) and config[field] > 0, field, config[field],
+               "a positive number when config.dataset is ''")
+    _require(len(config.mean) == config.channels, 'mean', config.mean,
+             f"one value per channel ({config.channels}) when config.dataset is ''")
+  else:
+    for field in ('num_classes', 'channels'):
+      _require(isinstance(config[field], int) and config[field] >= 0, field, config[field],
+               "0 (the dataset's) or the dataset's value")
   _require(config.method in ('rdskd', 'dafl'), 'method', config.method, "'rdskd' or 'dafl'")
   _require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
            config.generator.bn_prior_weight, 'a weight >= 0')

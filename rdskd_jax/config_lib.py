@@ -20,7 +20,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   dataset, the networks and their presets on top of it."""
   c = ml_collections.ConfigDict()
   c.preset = preset                 # Which preset built this config (recorded in report.json).
-  c.dataset = 'mnist'               # tfds name of an image classification dataset.
+  c.dataset = 'mnist'               # tfds name of an image classification dataset; '': none
+                                    #   (an outside teacher, nothing evaluated on real data).
+  c.num_classes = 0                 # With dataset '': the teacher's classes (else the dataset's).
+  c.channels = 0                    # With dataset '': image channels (else the dataset's).
   c.data_dir = ''                   # tfds data_dir; empty: TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.image_size = 32                 # Images are resized to image_size^2; 0: the dataset's size.
   c.mean = (0.1307,)                # Per-channel normalisation mean; (): computed from the
@@ -41,7 +44,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = 'lenet5'        # Classifier name in rdskd_jax.models.
-  c.teacher.checkpoint = ''         # Orbax checkpoint of trained teacher variables; empty: train.
+  c.teacher.checkpoint = ''         # Trained teacher: a teacher_variables directory or a PyTorch
+                                    #   state_dict (.safetensors/.pt/.pth); empty: train one.
   c.teacher.batch_size = 256        # Real-data batch size (DAFL's teacher-train.py).
   c.teacher.epochs = 10             # Passes over the train split.
   c.teacher.optimizer = 'adam'      # 'adam', or 'sgd' (with momentum).

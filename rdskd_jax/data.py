@@ -2,7 +2,8 @@
 augmentation.
 
 Only two readers of real data exist: `load_split(config, 'train')` for the teacher stage
-and `load_split(config, 'test')` for evaluation. Nothing else in the package touches it.
+and `load_split(config, 'test')` for evaluation. Nothing else in the package touches it. A
+teacher from outside reads no train split; with `config.dataset` '' nothing is read.
 A dataset that is not in the tfds data_dir is built by `prepare.ensure_prepared`.
 """
 
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rdskd_jax.errors import DataError
+from rdskd_jax.errors import ConfigError, DataError
 from rdskd_jax.prepare import default_data_dir, ensure_prepared
 
 
@@ -49,14 +50,28 @@ def channel_statistics(config, max_examples: int = 0):
   return tuple(float(v) for v in pixels.mean(0)), tuple(float(v) for v in pixels.std(0))
 
 
-def resolve_dataset_fields(config, workdir: str):
+def resolve_dataset_fields(config, workdir: str, teacher_from_outside: bool = False):
   """The config with its dataset-dependent fields filled in: `image_size` 0 becomes the
   dataset's image size, and empty `mean`/`std` the train split's per-channel statistics,
   computed once and cached in `<workdir>/normalization.json`. Returns (config, notes),
-  `notes` saying where each value came from (for report.json)."""
+  `notes` saying where each value came from (for report.json).
+
+  With `dataset` '' every field comes from the config and no data is opened. A teacher
+  from outside reads no train split, so its normalisation must be given."""
 
   config = copy.deepcopy(config)
+  if not config.dataset:
+    return config, {'num_classes': config.num_classes, 'channels': config.channels,
+                    'source': "the config (dataset '': no real data read)"}
+  if teacher_from_outside and not config.mean:
+    raise ConfigError('config.mean=(): a teacher from outside reads no train split, so its '
+                    'normalisation is not computed; set config.mean and config.std to the '
+                    "teacher's training normalisation")
   num_classes, (height, width, channels) = _image_metadata(config)
+  for field, value in (('num_classes', num_classes), ('channels', channels)):
+    if config[field] not in (0, value):
+      raise ConfigError(f'config.{field}={config[field]}: dataset {config.dataset!r} has '
+                      f'{value}; expected 0 or {value}')
   notes = {'num_classes': num_classes, 'channels': channels}
   if config.image_size == 0:
     if height is None or height != width or height % 4:

@@ -187,15 +187,18 @@ class WideResNet(_BatchNormClassifier):
 class CifarResNet(_BatchNormClassifier):
   """ResNet with basic blocks for 32x32 inputs (He et al. 2016, CIFAR variant used by
   DAFL): 3x3 stem conv 64 -> BN -> ReLU (no max-pool) -> four stages of widths 64, 128,
-  256, 512 (strides 1, 2, 2, 2) -> global average pool -> Dense."""
+  256, 512 (strides 1, 2, 2, 2) -> global average pool -> Dense. `base_width` scales all
+  widths (64: the registered ResNets; smaller ones make small test fixtures)."""
   stage_sizes: tuple = (2, 2, 2, 2)
+  base_width: int = 64
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = nn.relu(self._norm(train, 'stem_bn')(self._conv(64, name='stem')(images)))
-    for s, (blocks, width) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
+    base = self.base_width
+    x = nn.relu(self._norm(train, 'stem_bn')(self._conv(base, name='stem')(images)))
+    for s, blocks in enumerate(self.stage_sizes):
       for b in range(blocks):
-        x = self._block(x, width, 2 if s > 0 and b == 0 else 1, train, f's{s}b{b}')
+        x = self._block(x, base * 2 ** s, 2 if s > 0 and b == 0 else 1, train, f's{s}b{b}')
     return self._head(x, images)
 
   def _block(self, x, width, stride, train, name):

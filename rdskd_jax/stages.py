@@ -39,10 +39,11 @@ def samples_key(config):
   return stage_key(config, 'samples')
 
 
-def build_networks(config, num_classes: int, channels: int):
+def build_networks(config, num_classes: int, channels: int, check_teacher: bool = True):
   """The run's (teacher, generator, student) modules, computing in `config.dtype`; a
-  ConfigError when a classifier cannot take the run's image size."""
-  config_checks.check_image_size(config, channels)
+  ConfigError when a classifier cannot take the run's image size (the teacher's unchecked
+  when a Python module replaces it)."""
+  config_checks.check_image_size(config, channels, check_teacher)
   dtype = models.DTYPES[config.dtype]
   teacher = models.create_classifier(config.teacher.model, num_classes, dtype)
   generator = models.Generator(image_size=config.image_size, channels=channels,

@@ -240,6 +240,9 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
   """Runs the sweep (resuming what is done) and returns the sweep.json content."""
   if seeds < 1:
     raise ConfigError(f'--seeds={seeds}: expected a positive count')
+  if not config.dataset:
+    raise ConfigError("config.dataset='': a sweep compares students' test accuracy, so it "
+                      'needs a dataset with a test split')
   with workdir_lib.WorkdirLock(workdir):
     return _sweep(config, workdir, seeds, grid_text, vmap)
 
@@ -255,7 +258,8 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
   os.makedirs(workdir, exist_ok=True)
   teacher_dir = os.path.join(workdir, 'teacher')
   workdir_lib.prepare_workdir(config, teacher_dir)
-  config, notes = data.resolve_dataset_fields(config, teacher_dir)
+  config, notes = data.resolve_dataset_fields(config, teacher_dir,
+                                              bool(config.teacher.checkpoint))
   num_classes, channels = notes['num_classes'], notes['channels']
   teacher, generator, student = stages.build_networks(config, num_classes, channels)
   par = train.setup_parallel(config)

@@ -16,7 +16,8 @@ from typing import Any, Dict
 import jax
 
 from rdskd_jax import (config_checks, data, diagnostics, evaluation, metrics, parallel, plot,
-                       runner, stages, train_steps, workdir as workdir_lib)
+                       runner, stages, teacher as teacher_lib, train_steps,
+                       workdir as workdir_lib)
 from rdskd_jax.errors import ConfigError
 
 
@@ -32,10 +33,13 @@ def setup_parallel(config) -> parallel.DataParallel:
                       f'config.num_devices={config.num_devices}: {e}') from None
 
 
-def teacher_variables(config, workdir, par, model, log, channels):
-  """The frozen teacher and what the report says of it: from config.teacher.checkpoint,
-  else trained (or resumed) here on the real train split and saved alone in
+def teacher_variables(config, workdir, par, model, log, channels, given=None):
+  """The frozen teacher and what the report says of it: `given` (module, variables) from
+  Python, else from config.teacher.checkpoint (our teacher_variables or a PyTorch
+  state_dict), else trained (or resumed) here on the real train split and saved alone in
   `<workdir>/teacher_variables`, the directory another run's `teacher.checkpoint` takes."""
+  if given is not None:
+    return given[1], {'source': f'python ({type(given[0]).__name__})', 'seconds': 0.0}
   if config.teacher.checkpoint:
     variables = workdir_lib.restore_teacher(config, model, channels)
     return variables, {'checkpoint': os.path.abspath(config.teacher.checkpoint), 'seconds': 0.0}
@@ -47,6 +51,20 @@ def teacher_variables(config, workdir, par, model, log, channels):
   variables = train_steps.variables_of(state)
   workdir_lib.save_teacher_variables(workdir, variables)
   return variables, {'steps': total, 'seconds': seconds}
+
+
+def _check_outside_teacher(config, given, num_classes, channels):
+  """The checks on a teacher this run does not train: one must exist without a dataset,
+  and a Python module must keep the contract of `rdskd_jax.teacher`."""
+  if not config.dataset and given is None and not config.teacher.checkpoint:
+    raise ConfigError("config.dataset='': expected a trained teacher (config.teacher."
+                      'checkpoint, or teacher=(module, variables) from Python); training '
+                      'one needs a dataset')
+  if given is not None:
+    if not (isinstance(given, tuple) and len(given) == 2):
+      raise ConfigError(f'teacher={type(given).__name__}: expected (module, variables)')
+    teacher_lib.check_contract(given[0], given[1], (config.image_size,) * 2 + (channels,),
+                               num_classes, f'teacher {type(given[0]).__name__}')
 
 
 class Report:
@@ -74,23 +92,28 @@ class Report:
     workdir_lib.write_json_atomic(self.path, self.content)
 
 
-def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> Dict[str, Any]:
+def train_and_evaluate(config, workdir: str, overwrite: bool = False,
+                       teacher=None) -> Dict[str, Any]:
   """Runs all stages (resuming any that are done or partly done); returns the report.
 
   A workdir that holds a run of a different config is refused unless `overwrite`.
+  `teacher=(module, variables)`: a trained Flax teacher in place of config.teacher (the
+  contract is in `rdskd_jax.teacher`); a resumed run must be given the same one.
   """
   t_call = time.perf_counter()
   par = setup_parallel(config)
   with workdir_lib.WorkdirLock(workdir):
-    return _run_stages(config, workdir, overwrite, par, t_call)
+    return _run_stages(config, workdir, overwrite, par, t_call, teacher)
 
 
-def _run_stages(config, workdir, overwrite, par, t_call):
+def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
   """train_and_evaluate's work, with the workdir locked."""
   workdir_lib.prepare_workdir(config, workdir, overwrite)
-  config, dataset_notes = data.resolve_dataset_fields(config, workdir)
+  outside = given_teacher is not None or bool(config.teacher.checkpoint)
+  config, dataset_notes = data.resolve_dataset_fields(config, workdir, outside)
   report = Report(workdir)
   num_classes, channels = dataset_notes['num_classes'], dataset_notes['channels']
+  _check_outside_teacher(config, given_teacher, num_classes, channels)
   log = metrics.MetricsLog(workdir)
   report.content.update({
       'dataset': config.dataset, 'dataset_fields': dataset_notes,
@@ -98,25 +121,42 @@ def _run_stages(config, workdir, overwrite, par, t_call):
       'processes': jax.process_count(), 'parallel': config.parallel,
       'platform': jax.default_backend(), 'jax_version': jax.__version__,
       'seed': config.seed, 'config': config.to_dict()})
-  test_images, test_labels = data.load_split(config, 'test', per_process=True)
-  test_accuracy = lambda model, variables: evaluation.evaluate(
-      model, variables, test_images, test_labels, config.eval_batch_size)
+  test_images = test_labels = None  # Without a dataset nothing is evaluated on real data.
+  if config.dataset:
+    test_images, test_labels = data.load_split(config, 'test', per_process=True)
 
-  teacher, generator, student = stages.build_networks(config, num_classes, channels)
+  def test_accuracy(model, variables):
+    """Reporting only: {'test_accuracy': accuracy on the test split}, {} without one."""
+    if test_images is None:
+      return {}
+    return {'test_accuracy': evaluation.evaluate(model, variables, test_images, test_labels,
+                                                 config.eval_batch_size)}
+
+  teacher, generator, student = stages.build_networks(config, num_classes, channels,
+                                                      given_teacher is None)
+  if given_teacher is not None:
+    teacher = given_teacher[0]
   t0 = time.perf_counter()
   teacher_vars, teacher_report = teacher_variables(config, workdir, par, teacher, log,
-                                                   channels)
+                                                   channels, given_teacher)
   if config.generator.bn_prior_weight > 0 and 'batch_stats' not in teacher_vars:
     raise ConfigError(
         f'config.generator.bn_prior_weight={config.generator.bn_prior_weight}: expected 0 for '
         f'teacher {config.teacher.model!r}, which has no BatchNorm statistics to match')
+  teacher_report['fingerprint'] = teacher_lib.fingerprint(teacher_vars)
+  saved = report.content.get('teacher', {}).get('fingerprint')
+  if saved and saved != teacher_report['fingerprint']:
+    raise ConfigError(f'{workdir} was run with another teacher (fingerprint {saved}, this '
+                      f"one {teacher_report['fingerprint']}); give it the same teacher, or "
+                      'another workdir')
   stage_seconds = teacher_report['seconds']  # In this call's stage loops (steps, checkpoints).
-  teacher_report['test_accuracy'] = test_accuracy(teacher, teacher_vars)
+  teacher_report.update(test_accuracy(teacher, teacher_vars))
   if 'steps' in teacher_report:  # Trained here: resumed runs add their seconds.
     teacher_report['seconds'] = report.total_seconds('teacher', teacher_report['seconds'])
   report.add('teacher', teacher_report)
-  metrics.say(f'[teacher] test accuracy {teacher_report["test_accuracy"]:.4f} '
-              f'({time.perf_counter() - t0:.0f}s)')
+  if 'test_accuracy' in teacher_report:
+    metrics.say(f'[teacher] test accuracy {teacher_report["test_accuracy"]:.4f} '
+                f'({time.perf_counter() - t0:.0f}s)')
 
   gcfg = config.generator
   watch_key = stages.stage_key(config, 'diagnostics')
@@ -132,7 +172,7 @@ def _run_stages(config, workdir, overwrite, par, t_call):
 
   def student_accuracy(student_state):
     """Reporting only: the student's accuracy on the test split."""
-    return {'test_accuracy': test_accuracy(student, train_steps.variables_of(student_state))}
+    return test_accuracy(student, train_steps.variables_of(student_state))
 
   def stage(name, state, frozen, step_fn, total, report_fn, report_every):
     return runner.run_stage(name, config, workdir, par, state, frozen, step_fn, total, log,
@@ -184,9 +224,10 @@ def _run_stages(config, workdir, overwrite, par, t_call):
       stages.stage_key(config, 'fidelity'), num_samples=config.student.agreement_samples,
       **evaluation.sampling(config))
   accuracy = test_accuracy(student, student_vars)
-  report.add('student', {'steps': student_steps, 'test_accuracy': accuracy,
+  report.add('student', {'steps': student_steps, **accuracy,
                          'generated_agreement': agreement, 'seconds': student_seconds})
-  metrics.say(f'[student] test accuracy {accuracy:.4f}')
+  metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
+              f'[student] agreement with the teacher on generated samples {agreement:.4f}')
 
   if parallel.is_main_process():
     plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,

@@ -27,6 +27,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from rdskd_jax import parallel, stages, train_steps
+from rdskd_jax import teacher as teacher_lib
 from rdskd_jax.errors import ConfigError, RunStopped, StorageError
 
 
@@ -108,14 +109,19 @@ def restore_latest_readable(manager, template, stage: str):
 
 
 def restore_teacher(config, model, channels: int):
-  """The variables saved at `config.teacher.checkpoint` (a `teacher_variables` directory)."""
+  """The variables at `config.teacher.checkpoint`: a `teacher_variables` directory, or a
+  PyTorch state_dict file (`.safetensors`, `.pt`, `.pth`; see `rdskd_jax.teacher`)."""
   path = os.path.abspath(config.teacher.checkpoint)
+  image_shape = (config.image_size, config.image_size, channels)
+  if teacher_lib.is_state_dict_file(path):
+    return teacher_lib.from_state_dict(model, teacher_lib.read_state_dict(path), image_shape,
+                                       what=f'config.teacher.checkpoint={path!r}')
   if not os.path.isdir(path):
     raise ConfigError(
         f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
-        'directory (expected the teacher_variables directory of an earlier run)')
-  template = model.init(jax.random.key(0), jnp.zeros(
-      (1, config.image_size, config.image_size, channels)))
+        'directory (expected the teacher_variables directory of an earlier run, or a '
+        'PyTorch state_dict: .safetensors, .pt, .pth)')
+  template = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)))
   try:
     restored = ocp.StandardCheckpointer().restore(
         path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
@@ -126,6 +132,16 @@ def restore_teacher(config, model, channels: int):
   return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
 
 
+def save_variables(path: str, variables) -> None:
+  """Orbax checkpoint of a variables tree at `path` (a new directory)."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    checkpointer.save(os.path.abspath(path), variables)
+    checkpointer.wait_until_finished()
+  except (OSError, ValueError) as e:  # Orbax reports failed writes as ValueError.
+    raise storage_error('the teacher variables', path, e) from None
+
+
 def save_teacher_variables(workdir: str, variables) -> None:
   """`<workdir>/teacher_variables`, unless a previous run of the workdir saved it."""
   path = os.path.join(os.path.abspath(workdir), 'teacher_variables')
@@ -133,12 +149,7 @@ def save_teacher_variables(workdir: str, variables) -> None:
   if jax.process_count() > 1:  # Every process saves (Orbax coordinates), or none does.
     exists = bool(multihost_utils.broadcast_one_to_all(np.array(exists)))
   if not exists:
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-      checkpointer.save(path, variables)
-      checkpointer.wait_until_finished()
-    except (OSError, ValueError) as e:  # Orbax reports failed writes as ValueError.
-      raise storage_error('the teacher variables', path, e) from None
+    save_variables(path, variables)
 
 
 # Fields that change how a run is executed or reported, never what it computes; a
@@ -152,7 +163,8 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
 
 # Fields added after runs were written, with the value those runs had: a workdir or
 # report.json without one stands for that value.
-FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running'}
+FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running', 'num_classes': 0,
+                      'channels': 0}
 
 
 def with_fields_added_later(saved: Dict[str, Any]) -> Dict[str, Any]:
