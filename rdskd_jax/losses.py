@@ -116,8 +116,8 @@ def cross_entropy_loss(logits, labels, *, axis_name: Optional[str] = None):
 
 
 def activation_loss(teacher_features, *, axis_name: Optional[str] = None):
-  """DAFL's activation loss L_a = -mean |f| over the batch and the features f of the
-  teacher's penultimate layer (real images excite the teacher's features strongly)."""
+  """DAFL's activation loss L_a = -mean |f| over the batch and the teacher's features f
+  before its fully connected layers (real images excite those features strongly)."""
   per_sample = jnp.mean(jnp.abs(teacher_features), axis=-1)
   return -global_mean(per_sample, axis_name)
 

@@ -1,8 +1,9 @@
 """Networks (Flax linen, NHWC): the DAFL/RDSKD generator and the classifier registry.
 
 Classifiers are called as `model.apply(variables, images, train=...)` and return
-`(logits, features)`, the features being the penultimate activations (DAFL's activation
-loss and the diagnostics read them). The registry is open: other pairs (WRN, ResNet)
+`(logits, features)`, the features being what the classifier's fully connected head
+reads: conv3's outputs for LeNet-5, the pooled activations for WRN and ResNet, as in the
+authors' code (DAFL's activation loss and the diagnostics read them). The registry is open: other pairs (WRN, ResNet)
 register themselves with `register_classifier`.
 """
 
@@ -98,9 +99,11 @@ class _LeNet5Family(nn.Module):
     x = nn.relu(conv(c2, 'conv2')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = nn.relu(conv(c3, 'conv3')(x))
-    x = x.reshape((x.shape[0], -1))
-    x = features = nn.relu(dense(hidden, 'fc1')(x))
-    logits = dense(self.num_classes, 'fc2')(features)
+    # The features are the flattened conv3 output, before the dense layers: what the
+    # authors' LeNet-5 returns, and so what DAFL's activation loss reads.
+    x = features = x.reshape((x.shape[0], -1))
+    x = nn.relu(dense(hidden, 'fc1')(x))
+    logits = dense(self.num_classes, 'fc2')(x)
     out = output_dtype(images, self.dtype)
     return logits.astype(out), features.astype(out)
 

@@ -21,7 +21,7 @@ a dataset, prints the converted teacher's accuracy on its test split.
 A Flax module teacher, from Python: `train.train_and_evaluate(config, workdir,
 teacher=(module, variables))`. The contract: `module.apply(variables, images,
 train=False)` returns `(logits, features)`, logits (N, num_classes) and features (N, F)
-the penultimate activations; images are NHWC float32, normalised with `config.mean` and
+the activations its fully connected head reads; images are NHWC float32, normalised with `config.mean` and
 `config.std` as the teacher was trained.
 """
 
@@ -158,7 +158,10 @@ def from_state_dict(module, state: Dict[str, np.ndarray], image_shape,
                                                 jnp.zeros((1, *image_shape), jnp.float32)))
   flat = traverse_util.flatten_dict(jax.tree.map(lambda x: x, dict(template)))
   used, out = set(), {}
-  for path, leaf in flat.items():
+  modules_in_order = list(dict.fromkeys(path[1:-1] for path in flat))
+  rank = {'kernel': 0, 'scale': 0, 'bias': 1, 'mean': 2, 'var': 3}  # Weights first.
+  for path, leaf in sorted(flat.items(), key=lambda item: (
+      modules_in_order.index(item[0][1:-1]), rank.get(item[0][-1], 4))):
     collection, *modules, leaf_name = path
     if (collection, leaf_name) not in _LEAF:
       raise ConfigError(f'{type(module).__name__}: no PyTorch counterpart for variable '

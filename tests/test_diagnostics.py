@@ -41,7 +41,7 @@ def test_frechet_distance_of_the_test_split_to_itself_is_zero(smoke_config):
   teacher = models.create_classifier('lenet5', 10)
   variables = teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
   _, features = diagnostics.teacher_outputs(teacher, variables, images)
-  assert features.shape == (10000, 84)
+  assert features.shape == (10000, 120)
   assert diagnostics.frechet_distance(features, features) < 1e-6
   # A different half of the same split is close but not identical.
   assert 0 < diagnostics.frechet_distance(features[:5000], features[5000:]) < 1.0

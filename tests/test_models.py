@@ -19,7 +19,7 @@ def test_lenet_parameter_counts_and_outputs(name, params):
   assert _count(variables) == params
   logits, features = model.apply(variables, jnp.zeros((3, 32, 32, 1)))
   assert logits.shape == (3, 10)
-  assert features.shape == (3, {'lenet5': 84, 'lenet5_half': 42}[name])
+  assert features.shape == (3, {'lenet5': 120, 'lenet5_half': 60}[name])  # conv3's outputs
 
 
 def test_unknown_model_names_the_known_ones():
