@@ -29,6 +29,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.dafl.steps = 6
   c.checkpoint_every = 4
   c.log_every = 2
+  c.steps_per_call = 1  # The tests of single steps; tests/test_fused_steps.py fuses them.
 
 
 def deep_cpu(c: ml_collections.ConfigDict) -> None:

@@ -94,6 +94,9 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   _require(isinstance(config.dataset, str), 'dataset', config.dataset,
            "a tfds dataset name, or '' (none)")
   if not config.dataset:  # Everything a dataset would have said comes from the config.
+    _require(config.num_classes or config.channels, 'dataset', config.dataset,
+             "a tfds dataset name, or '' with config.num_classes and config.channels set "
+             '(a run that reads no data, with a teacher from outside)')
     for field in ('num_classes', 'channels', 'image_size'):
       _require(isinstance(config[field], int) and config[field] > 0, field, config[field],
                "a positive number when config.dataset is ''")
@@ -154,6 +157,9 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   _require(config.num_devices <= available_devices, 'num_devices', config.num_devices,
            f'at most the {available_devices} devices there are')
   num_devices = devices_used(config, available_devices)
+  _require(isinstance(config.steps_per_call, int) and config.steps_per_call >= 0,
+           'steps_per_call', config.steps_per_call,
+           "0 (the platform's default) or a positive step count")
   _require(config.image_every >= 0, 'image_every', config.image_every,
            '0 (never) or a positive step count')
   _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,

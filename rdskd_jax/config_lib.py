@@ -35,6 +35,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.distributed = False             # jax.distributed.initialize() first (multi-host; see README).
   c.dtype = 'float32'               # Compute dtype, 'float32' or 'bfloat16' (params, losses f32).
   c.checkpoint_every = 120          # Steps between checkpoints in every stage.
+  c.steps_per_call = 0              # Steps per compiled call (a scan) in the generated-sample
+                                    #   stages; 0: the platform's default (runner.py).
   c.log_every = 20                  # Steps between metrics.jsonl lines and progress lines.
   c.max_bad_steps = 20              # Stop after N consecutive steps with non-finite loss/grads.
   c.eval_batch_size = 1000          # Batch size of test-set evaluation (no effect on results).

@@ -53,6 +53,43 @@ def _stop_now(sigterm: SigtermFlag, done: int, log_every: int) -> bool:
   return bool(np.any(flags))
 
 
+# config.steps_per_call 0: this many steps per compiled call, by platform. CPU: measured
+# (benchmarks/README.md, "Fused step loops"); GPU and TPU: not yet measured, one call per
+# default logging period.
+DEFAULT_STEPS_PER_CALL = {'cpu': 10, 'gpu': 20, 'tpu': 20}
+
+
+def steps_per_call(config) -> int:
+  """Steps one compiled call of a stage runs (config.steps_per_call, 0: the platform's)."""
+  return config.steps_per_call or DEFAULT_STEPS_PER_CALL.get(jax.default_backend(), 1)
+
+
+def fuse_steps(step_fn, num_steps: int):
+  """`num_steps` steps of `step_fn` as one function of the same signature (a lax.scan),
+  returning the last step's metrics. Each step draws its noise from (key, state step), so
+  the steps are those of `num_steps` calls."""
+  if num_steps == 1:
+    return step_fn
+
+  def fused(state, frozen, root_key, *, axis_name=None):
+    def body(carry, _):
+      return step_fn(carry, frozen, root_key, axis_name=axis_name)
+    state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+  return fused
+
+
+def call_length(step: int, total_steps: int, most: int, periods) -> int:
+  """Steps of the call after `step`: at most `most`, ending at the next multiple of each
+  period (logging, reporting, checkpoints) or at the stage's end, so every event falls
+  where it does with one step per call, and a resumed run calls as an uninterrupted one."""
+  length = min(most, total_steps - step)
+  for period in periods:
+    if period:
+      length = min(length, period - step % period)
+  return length
+
+
 def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, log,
               root_key, batches=None, report_every=0, report_fn=None):
   """Runs a stage from its latest checkpoint in `workdir` to `total_steps`; returns
@@ -63,21 +100,33 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
   stage's key (stacked for a RunBatch). `batches(step)`, when given, returns the host
   batch arrays of a step. Every `report_every` steps, `report_fn(host_state)` adds metrics
   to that step's log line; it is for reporting only: nothing in training reads what it
-  returns, and its time is not counted in the stage's seconds.
+  returns, and its time is not counted in the stage's seconds. Stages without host
+  batches run `steps_per_call(config)` steps per compiled call (`fuse_steps`).
   """
   manager = workdir_lib.checkpoint_manager(workdir, stage)
   state, start = workdir_lib.restore_latest_readable(manager, state, stage)
   log.resume(stage, start)
-  wrapped = par.wrap(step_fn, num_batch_args=0 if batches is None else 2)
+  most = 1 if batches is not None else steps_per_call(config)
+  periods = (config.log_every, config.checkpoint_every, report_every)
+  programs = {}
+
+  def program(length):
+    if length not in programs:  # At most a few lengths: the period remainders.
+      programs[length] = par.wrap(fuse_steps(step_fn, length),
+                                  num_batch_args=0 if batches is None else 2)
+    return programs[length]
+
   device_state, device_frozen = par.replicate(state), par.replicate(frozen)
   runs = getattr(par, 'num_runs', 0)
   progress = metrics_lib.Progress(f'{stage} x{runs}' if runs else stage, start, total_steps)
   t0, reporting_seconds = time.perf_counter(), 0.0
+  step = start
   with SigtermFlag() as sigterm:
-    for step in range(start, total_steps):
+    while step < total_steps:
+      length = call_length(step, total_steps, most, periods)
       args = () if batches is None else tuple(par.split_batch(b) for b in batches(step))
-      device_state, metrics = wrapped(device_state, device_frozen, root_key, *args)
-      done = step + 1
+      device_state, metrics = program(length)(device_state, device_frozen, root_key, *args)
+      done = step = step + length
       report_now = report_every and done % report_every == 0
       if done % config.log_every == 0 or done == total_steps or report_now:
         metrics = {k: np.asarray(v) for k, v in par.to_host(metrics).items()}

@@ -72,7 +72,10 @@ def apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
                  opt_state=opt_state, **new_parts)
   finite = (jnp.isfinite(loss) & _all_finite(grads)
             & _all_finite((updated['params'], new_parts)))
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  # Every entry keeps its dtype (statistics computed in float64 are stored in float32,
+  # as the parameters are), so that the state is one type from step to step (a scan).
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old).astype(old.dtype),
+                      updated, state)
   bad = state['nonfinite']
   return dict(kept, step=state['step'] + 1, nonfinite={
       'total': bad['total'] + jnp.where(finite, 0, 1).astype(jnp.int32),

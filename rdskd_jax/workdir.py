@@ -155,6 +155,7 @@ def save_teacher_variables(workdir: str, variables) -> None:
 # Fields that change how a run is executed or reported, never what it computes; a
 # workdir may be resumed with other values of these.
 RESUMABLE_FIELDS = ('preset', 'data_dir', 'parallel', 'num_devices', 'distributed',
+                    'steps_per_call',
                     'checkpoint_every', 'log_every', 'eval_batch_size', 'max_bad_steps',
                     'student.eval_every', 'image_every', 'diagnostic_samples')
 _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json',
@@ -164,7 +165,7 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
 # Fields added after runs were written, with the value those runs had: a workdir or
 # report.json without one stands for that value.
 FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running', 'num_classes': 0,
-                      'channels': 0}
+                      'channels': 0, 'steps_per_call': 0}
 
 
 def with_fields_added_later(saved: Dict[str, Any]) -> Dict[str, Any]:

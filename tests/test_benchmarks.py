@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,12 +13,35 @@ def test_steps_benchmark_prints_one_json_object_per_step():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.steps', '--config=configs/mnist.py:smoke',
-       '--batch=8', '--repeats=2', '--warmup=0', '--config.dtype=bfloat16'],
+       '--batch=8', '--repeats=2', '--warmup=0', '--config.dtype=bfloat16',
+       '--steps_per_call=1,3', '--flops'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [json.loads(line) for line in result.stdout.splitlines()]
-  assert [r['step'] for r in rows] == ['generator', 'student']
+  assert [(r['step'], r['steps_per_call']) for r in rows] == [
+      ('generator', 1), ('generator', 3), ('student', 1), ('student', 3)]
   for r in rows:
     assert r['batch'] == 8 and r['devices'] == 2 and r['platform'] == 'cpu'
     assert r['dtype'] == 'bfloat16' and r['framework'] == 'jax'
     assert 0 < r['min_seconds'] <= r['median_seconds']
+    assert r['flops_per_step'] > 0 and r['matmul_peak_flops_per_second'] > 0
+  # One step's count, whatever the steps per call.
+  assert rows[0]['flops_per_step'] == rows[1]['flops_per_step']
+
+
+def test_the_gpu_paper_script_runs_its_three_parts_in_smoke_mode(mnist_data_dir, tmp_path):
+  out, work = tmp_path / 'out', tmp_path / 'work'
+  env = dict(os.environ, SMOKE='1', WORK=str(work), PYTHON=sys.executable,
+             TFDS_DATA_DIR=mnist_data_dir)
+  result = subprocess.run(['bash', 'benchmarks/gpu_paper.sh', str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-2000:]
+  parts = [json.loads(line) for line in open(out / 'parts.jsonl')]
+  assert [(p['part'], p['exit']) for p in parts] == [
+      ('rdskd_f32', 0), ('dafl', 0), ('rdskd_bf16', 0)], open(work / 'dafl.log').read()[-2000:]
+  with tarfile.open(out / 'results.tar.gz') as tar:
+    names = set(tar.getnames())
+  for part in ('rdskd_f32', 'dafl', 'rdskd_bf16'):
+    assert {f'./{part}/report.json', f'./{part}/metrics.jsonl', f'./{part}.log'} <= names
+  report = json.load(open(work / 'rdskd_bf16' / 'report.json'))
+  assert report['config']['dtype'] == 'bfloat16' and report['teacher']['checkpoint']

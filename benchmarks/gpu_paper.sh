@@ -1,0 +1,54 @@
+#!/bin/bash
+# The paper's MNIST budget end to end on one accelerator, in one call of at most 9 minutes:
+#   bash benchmarks/gpu_paper.sh OUT             # on the device
+#   SMOKE=1 bash benchmarks/gpu_paper.sh OUT     # anywhere: the smoke preset, for the tests
+# In order, each part running even if an earlier one failed (its exit status and seconds
+# are in OUT/parts.jsonl):
+#   1. rdskd_f32:  the paper preset, float32, one device; the student's test accuracy
+#                  logged every 6,000 steps (reporting only). Trains the teacher.
+#   2. dafl:       DAFL's paper preset (24,000 joint steps) on that teacher.
+#   3. rdskd_bf16: the paper preset in bfloat16 on that teacher, with the time left.
+# OUT gets env.txt, parts.jsonl and results.tar.gz (each part's report.json,
+# metrics.jsonl, samples.png, curves.png and log), within the device tool's file limits.
+# The environment must hold the packages of setup.cfg (and the prepared MNIST tfds
+# directory in TFDS_DATA_DIR where tfds cannot download).
+set -u
+out=${1:?usage: bash benchmarks/gpu_paper.sh OUT}
+mkdir -p "$out"
+work=${WORK:-/tmp/gpu_paper}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+if [ -n "${SMOKE:-}" ]; then
+  preset=':smoke'; eval_every=3; limits=(120 120 120)
+else
+  preset=''; eval_every=6000; limits=(330 150 60)  # Seconds: 9 minutes in all.
+fi
+python=${PYTHON:-python3}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
+  "$python" -c 'import sys, jax, flax; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+  git rev-parse HEAD 2>/dev/null
+} > "$out/env.txt" 2>&1
+
+part() {  # part NAME LIMIT_SECONDS FLAGS...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --signal=TERM --kill-after=20 "$limit" "$python" -m rdskd_jax.main \
+      --config="configs/mnist.py$preset" --workdir="$work/$name" "$@" > "$work/$name.log" 2>&1
+  local code=$?
+  echo "{\"part\": \"$name\", \"exit\": $code, \"seconds\": $((SECONDS - start))}" >> "$out/parts.jsonl"
+}
+
+rm -rf "$work" && mkdir -p "$work"
+: > "$out/parts.jsonl"
+teacher="$work/rdskd_f32/teacher_variables"
+part rdskd_f32 "${limits[0]}" --config.parallel=none --config.student.eval_every=$eval_every
+part dafl "${limits[1]}" --config.parallel=none --config.method=dafl \
+    --config.student.eval_every=$eval_every --config.teacher.checkpoint="$teacher"
+part rdskd_bf16 "${limits[2]}" --config.parallel=none --config.dtype=bfloat16 \
+    --config.student.eval_every=$eval_every --config.teacher.checkpoint="$teacher"
+
+(cd "$work" && tar czf "$out/results.tar.gz" --ignore-failed-read \
+    ./*.log ./*/report.json ./*/metrics.jsonl ./*/samples.png ./*/curves.png 2>/dev/null)
+cat "$out/env.txt" "$out/parts.jsonl"
