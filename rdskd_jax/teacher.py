@@ -38,7 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 from rdskd_jax import models
-from rdskd_jax.errors import ConfigError
+from rdskd_jax.errors import ConfigError, run_reporting_errors
 
 STATE_DICT_SUFFIXES = ('.safetensors', '.pt', '.pth')
 _HOW_TO_CONVERT = ('convert it where torch is installed: python -c "import torch; from '
@@ -131,14 +131,12 @@ _LEAF = {('params', 'kernel'): 'weight', ('params', 'bias'): 'bias',
          ('batch_stats', 'var'): 'running_var'}
 
 
-def _to_flax(array: np.ndarray, target_shape, key: str) -> np.ndarray:
+def _to_flax(array: np.ndarray, target_shape) -> np.ndarray:
   """A PyTorch tensor in the layout of a Flax leaf of `target_shape`."""
   if len(target_shape) == 4 and array.ndim == 4:  # Conv OIHW -> HWIO.
     return array.transpose(2, 3, 1, 0)
   if len(target_shape) == 2 and array.ndim == 2:  # Linear (out, in) -> (in, out).
-    out_features, in_features = array.shape
-    if in_features == target_shape[0]:
-      return array.T
+    return array.T
   return array
 
 
@@ -156,7 +154,7 @@ def from_state_dict(module, state: Dict[str, np.ndarray], image_shape,
   names = names or names_for(module)
   template = jax.eval_shape(lambda: module.init(jax.random.key(0),
                                                 jnp.zeros((1, *image_shape), jnp.float32)))
-  flat = traverse_util.flatten_dict(jax.tree.map(lambda x: x, dict(template)))
+  flat = traverse_util.flatten_dict(dict(template))
   used, out = set(), {}
   modules_in_order = list(dict.fromkeys(path[1:-1] for path in flat))
   rank = {'kernel': 0, 'scale': 0, 'bias': 1, 'mean': 2, 'var': 3}  # Weights first.
@@ -170,7 +168,7 @@ def from_state_dict(module, state: Dict[str, np.ndarray], image_shape,
     if key not in state:
       raise ConfigError(f'{what}: missing key {key!r} (needed for {"/".join(path)} of '
                         f'{type(module).__name__}, shape {_torch_shape(leaf.shape)})')
-    array = _to_flax(np.asarray(state[key], np.float32), leaf.shape, key)
+    array = _to_flax(np.asarray(state[key], np.float32), leaf.shape)
     if array.shape != tuple(leaf.shape):
       raise _shape_error(what, key, state[key].shape, leaf.shape, modules, module)
     out[path] = array
@@ -295,7 +293,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.model not in models.known_classifiers():
     parser.error(f'--model={args.model!r}: expected one of {", ".join(models.known_classifiers())}')
-  from rdskd_jax.errors import run_reporting_errors
   return run_reporting_errors(lambda: _convert(args), verbose=False)
 
 
