@@ -10,8 +10,10 @@
 #   3. rdskd_bf16: the paper preset in bfloat16 on that teacher, with the time left.
 # OUT gets env.txt, parts.jsonl and results.tar.gz (each part's report.json,
 # metrics.jsonl, samples.png, curves.png and log), within the device tool's file limits.
-# The environment must hold the packages of setup.cfg (and the prepared MNIST tfds
-# directory in TFDS_DATA_DIR where tfds cannot download).
+# The environment needs JAX, Flax, Optax, Orbax, chex and ml_collections, and MNIST in
+# TFDS_DATA_DIR: a tfds directory, or NumPy arrays where there is no TensorFlow (an
+# accelerator image; benchmarks/gpu_carry.sh prepares both, and benchmarks/README.md
+# gives the device call).
 set -u
 out=${1:?usage: bash benchmarks/gpu_paper.sh OUT}
 mkdir -p "$out"

@@ -5,15 +5,19 @@ Only two readers of real data exist: `load_split(config, 'train')` for the teach
 and `load_split(config, 'test')` for evaluation. Nothing else in the package touches it. A
 teacher from outside reads no train split; with `config.dataset` '' nothing is read.
 A dataset that is not in the tfds data_dir is built by `prepare.ensure_prepared`.
+
+A data_dir holding `<dataset>/arrays/` (written by `python -m rdskd_jax.prepare NAME
+--export=DIR`) is read from those NumPy files instead, without tfds or TensorFlow: the
+way to carry a dataset to a machine that has neither (an accelerator image, say).
 """
 
 import copy
 import json
 import os
+import re
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
 from rdskd_jax.errors import ConfigError, DataError
 from rdskd_jax.prepare import default_data_dir, ensure_prepared
@@ -25,8 +29,95 @@ def dataset_info(config):
   return num_classes, shape[-1]
 
 
+def _arrays(config):
+  """`ArraysDir` of the configured dataset, or None where the data_dir has none."""
+  return ArraysDir.find(config.data_dir or default_data_dir(), config.dataset)
+
+
+class ArraysDir:
+  """A dataset exported as NumPy arrays: `<data_dir>/<dataset>/arrays/` holding info.json
+  (class count, image shape, examples per split) and `<split>.npz` (`images` uint8 NHWC,
+  `labels`) in tfds order. Read without tfds or TensorFlow."""
+
+  SPLITS = ('train', 'test')  # The splits the pipeline reads.
+
+  def __init__(self, path: str):
+    self.path = path
+    info_path = os.path.join(path, 'info.json')
+    try:
+      with open(info_path) as f:
+        info = json.load(f)
+      self.num_classes, self.shape = int(info['num_classes']), tuple(info['shape'])
+      self.examples = {k: int(v) for k, v in info['examples'].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DataError(f'{info_path}: not an arrays export ({type(e).__name__}: {e}); '
+                      'export it again with `python -m rdskd_jax.prepare NAME --export=DIR`') from None
+
+  @classmethod
+  def find(cls, data_dir: str, dataset: str):
+    path = os.path.join(data_dir, dataset, 'arrays')
+    return cls(path) if os.path.exists(os.path.join(path, 'info.json')) else None
+
+  def read(self, split):
+    """(uint8 images, labels) of `split`: 'NAME', 'NAME[:N]', or (either, process index,
+    process count) for that process's share, divided as `tfds.even_splits` does (the
+    first shares one example longer where the count does not divide)."""
+    share = None
+    if isinstance(split, tuple):
+      split, share = split[0], split[1:]
+    match = re.fullmatch(r'(\w+)(?:\[:(\d+)\])?', split)
+    if not match:
+      raise DataError(f'split {split!r}: exported arrays take NAME or NAME[:N]')
+    name, first = match.groups()
+    if name not in self.examples:
+      raise DataError(f'split {name!r} is not in {self.path} (it holds '
+                      f'{", ".join(sorted(self.examples))})')
+    with np.load(os.path.join(self.path, f'{name}.npz')) as f:
+      images, labels = f['images'], f['labels']
+    if len(images) != self.examples[name] or len(labels) != len(images):
+      raise DataError(f'{self.path}/{name}.npz holds {len(images)} images and {len(labels)} '
+                      f'labels; info.json says {self.examples[name]}: export it again')
+    if first:
+      images, labels = images[:int(first)], labels[:int(first)]
+    if share is not None:
+      index, count = share
+      parts = np.array_split(np.arange(len(images)), count)[index]
+      images, labels = images[parts[0]:parts[-1] + 1], labels[parts[0]:parts[-1] + 1]
+    if not len(images):
+      raise DataError(f'split {split!r} of {self.path} is empty')
+    return images, labels
+
+
+def export_arrays(dataset: str, data_dir: str, out_dir: str) -> str:
+  """Writes `<out_dir>/<dataset>/arrays/` from the tfds dataset in `data_dir` (built
+  offline first where needed); returns that path."""
+  import ml_collections
+  config = ml_collections.ConfigDict({'dataset': dataset, 'data_dir': data_dir})
+  num_classes, shape = _image_metadata(config)
+  if None in shape:
+    raise DataError(f'dataset {dataset!r} has images of varying sizes {shape}; '
+                    'only fixed-size images can be exported as arrays')
+  path = os.path.join(out_dir, dataset, 'arrays')
+  os.makedirs(path, exist_ok=True)
+  examples = {}
+  for split in ArraysDir.SPLITS:
+    images, labels = _read_split(config, split)
+    examples[split] = len(images)
+    np.savez_compressed(os.path.join(path, f'{split}.tmp.npz'), images=images, labels=labels)
+    os.replace(os.path.join(path, f'{split}.tmp.npz'), os.path.join(path, f'{split}.npz'))
+  info = {'dataset': dataset, 'num_classes': num_classes, 'shape': list(shape),
+          'examples': examples, 'source': f'tfds data_dir {os.path.abspath(data_dir)}'}
+  with open(os.path.join(path, 'info.json'), 'w') as f:  # Last: it marks the export done.
+    json.dump(info, f, indent=2)
+  return path
+
+
 def _image_metadata(config):
   """(num_classes, image shape (H, W, C), None where sizes vary) from tfds metadata."""
+  arrays = _arrays(config)
+  if arrays is not None:
+    return arrays.num_classes, arrays.shape
+  import tensorflow_datasets as tfds  # Only here and in _read_split: arrays need neither.
   data_dir = config.data_dir or default_data_dir()
   ensure_prepared(config.dataset, data_dir)
   info = tfds.builder(config.dataset, data_dir=data_dir).info
@@ -72,7 +163,10 @@ def resolve_dataset_fields(config, workdir: str, teacher_from_outside: bool = Fa
     if config[field] not in (0, value):
       raise ConfigError(f'config.{field}={config[field]}: dataset {config.dataset!r} has '
                       f'{value}; expected 0 or {value}')
-  notes = {'num_classes': num_classes, 'channels': channels}
+  arrays = _arrays(config)
+  notes = {'num_classes': num_classes, 'channels': channels,
+           'read_from': (f'NumPy arrays in {arrays.path}' if arrays else
+                         f'tfds data_dir {config.data_dir or default_data_dir()}')}
   if config.image_size == 0:
     if height is None or height != width or height % 4:
       raise DataError(f'dataset {config.dataset!r} has images of shape {height}x{width}; '
@@ -122,21 +216,29 @@ def load_split(config, split: str, max_examples: int = 0, per_process: bool = Fa
   """(images float32 NHWC normalised, labels int32) of a whole split, in tfds order.
 
   `per_process`: in a multi-process run, only this process's share of the split
-  (`tfds.split_for_jax_process`); evaluation sums the shares' counts.
+  (`tfds.split_for_jax_process`, or the same even division of exported arrays);
+  evaluation sums the shares' counts.
   """
-  data_dir = config.data_dir or default_data_dir()
-  ensure_prepared(config.dataset, data_dir)
   if max_examples:
     split = f'{split}[:{max_examples}]'
   if per_process and jax.process_count() > 1:
-    split = tfds.split_for_jax_process(split)
+    split = (split, jax.process_index(), jax.process_count())
   images, labels = _read_split(config, split)
   return normalize(images, config), labels.astype(np.int32)
 
 
-def _read_split(config, split: str):
-  """(uint8 images, labels) of a whole tfds split, in order, read in chunks (tfds's
-  batch_size=-1 would size one batch from split metadata, which not every source has)."""
+def _read_split(config, split):
+  """(uint8 images, labels) of a whole split, in order: from exported arrays where the
+  data_dir has them, else from tfds in chunks (tfds's batch_size=-1 would size one batch
+  from split metadata, which not every source has). `split` is a tfds split string, or
+  (split, process index, process count) for one process's share."""
+  arrays = _arrays(config)
+  if arrays is not None:
+    return arrays.read(split)
+  import tensorflow_datasets as tfds
+  ensure_prepared(config.dataset, config.data_dir or default_data_dir())
+  if isinstance(split, tuple):
+    split = tfds.split_for_jax_process(split[0])
   ds = tfds.load(config.dataset, split=split, data_dir=config.data_dir or default_data_dir(),
                  as_supervised=True, batch_size=4096, shuffle_files=False, download=False)
   chunks = list(tfds.as_numpy(ds))

