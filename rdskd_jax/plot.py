@@ -1,6 +1,8 @@
-"""Pictures of a run: generated samples by teacher class, and loss and accuracy curves.
+"""Pictures of a run: generated samples by teacher class, and loss and accuracy curves;
+and of sweeps: every run's student accuracy per setting.
 
     python -m rdskd_jax.plot --workdir=W    # writes W/curves.png, refreshes W/samples.png
+    python -m rdskd_jax.plot --sweeps=W1,W2 --out=robustness.png
 """
 
 import argparse
@@ -120,13 +122,86 @@ def save_curves(workdir: str, path: str = '') -> str:
   return path
 
 
+def read_sweep(directory: str):
+  """The sweep.json of a sweep's workdir; a directory without one is a DataError."""
+  path = os.path.join(directory, 'sweep.json')
+  if not os.path.exists(path):
+    raise DataError(f'{directory!r} has no sweep.json: not the workdir of a finished sweep '
+                    '(python -m rdskd_jax.sweep writes it at the end)')
+  return workdir_lib.read_json(path, 'run the sweep again to rebuild it')
+
+
+_SHORT_NAMES = {'learning_rate': 'lr', 'generator_learning_rate': 'gen lr',
+                'student_learning_rate': 'student lr'}
+
+
+def _setting_label(settings) -> str:
+  """{'generator.learning_rate': 0.001, 'dafl.beta': 5.0} -> 'lr 0.001\nbeta 5'."""
+  def short(field):
+    last = field.split('.')[-1]
+    return _SHORT_NAMES.get(last, last)
+  return '\n'.join(f'{short(k)} {v:g}' if isinstance(v, (int, float)) else f'{short(k)} {v}'
+                   for k, v in settings.items()) or 'base config'
+
+
+def save_robustness(sweep_dirs, path: str) -> str:
+  """`robustness.png`: per setting of each sweep, every seed's student test accuracy as a
+  point, the mean as a bar and the worst seed marked by a red triangle; each setting's training
+  seconds per run under its label. Sweeps are drawn side by side, in the order given.
+  Test accuracy is reported here, never used to choose. Returns the path written."""
+  results = [read_sweep(d) for d in sweep_dirs]
+  settings = sum(len(r['summary']) for r in results)
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * settings + 1.5), 4.2))
+  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  labels, positions, x = [], [], 0.0
+  for m, result in enumerate(results):
+    colour = colours[m % len(colours)]
+    for i, row in enumerate(result['summary']):
+      accs = [r['test_accuracy'] for r in result['runs'] if r['settings'] == row['settings']]
+      jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
+      ax.scatter(x + np.asarray(jitter), accs, color=colour, s=18, zorder=3,
+                 label=f"{result['method']}: each seed" if i == 0 else None)
+      ax.hlines(np.mean(accs), x - 0.3, x + 0.3, color=colour, linewidth=2.5,
+                label=f"{result['method']}: mean" if i == 0 else None)
+      ax.scatter([x + 0.38], [min(accs)], marker='<', color='tab:red', s=30, zorder=4,
+                 label='worst seed' if m == 0 and i == 0 else None)
+      cost = f"\n{row['training_seconds']:.0f} s/run" if 'training_seconds' in row else ''
+      labels.append(f"{result['method']}\n{_setting_label(row['settings'])}{cost}")
+      positions.append(x)
+      x += 1
+    x += 0.5  # A gap between methods.
+  ax.set_xticks(positions, labels, fontsize=7)
+  ax.set_ylabel('student test accuracy (reporting only)')
+  seeds = sorted({r['seeds'] for r in results})
+  ax.set_title(f"{results[0]['dataset']}, preset {results[0]['preset']!r}, "
+               f"{'/'.join(map(str, seeds))} seeds per setting", fontsize=9)
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m rdskd_jax.plot',
       description='Writes W/curves.png from metrics.jsonl and refreshes W/samples.png from '
-                  "the run's generator and teacher checkpoints.")
-  parser.add_argument('--workdir', required=True)
+                  "the run's generator and teacher checkpoints; or, with --sweeps, draws "
+                  "the sweeps' student accuracies per setting.")
+  parser.add_argument('--workdir', help="a run's workdir: curves.png and samples.png")
+  parser.add_argument('--sweeps', help="sweeps' workdirs, comma-separated: robustness.png")
+  parser.add_argument('--out', default='robustness.png', help='where --sweeps draws')
   args = parser.parse_args(argv)
+  if bool(args.workdir) == bool(args.sweeps):
+    parser.error('give --workdir=W (a run) or --sweeps=W1,W2 (sweeps), one of the two')
+  if args.sweeps:
+    try:
+      print(save_robustness([d for d in args.sweeps.split(',') if d], args.out))
+    except DataError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    return 0
   if not os.path.exists(os.path.join(args.workdir, 'metrics.jsonl')):
     print(f'error: {args.workdir!r} has no metrics.jsonl: not the workdir of a run',
           file=sys.stderr)

@@ -16,9 +16,10 @@ through the ordinary pipeline one by one instead (`W/runs/<i>`). Without either 
 runs are vmapped on GPU/TPU and run one by one on CPU: on a 2-core CPU the vmapped convs
 (one kernel per run, a grouped convolution) measured slower than the runs one by one.
 
-Writes `W/sweep.json` (per run: settings, seed, student test accuracy and generated
-agreement; per setting and overall: mean, std, min, max; seconds) and `W/sweep.md`, the
-summary table. Test accuracy is reported, never used to pick anything. Each group
+Writes `W/sweep.json` (per run: settings, seed, student test accuracy, generated
+agreement, training seconds and generated samples; per setting and overall: mean, std,
+min, max; seconds) and `W/sweep.md`, the summary table; `python -m rdskd_jax.plot
+--sweeps=W1,W2` draws sweeps side by side (robustness.png). Test accuracy is reported, never used to pick anything. Each group
 checkpoints its stacked state, so an interrupted sweep resumes where it stopped.
 """
 
@@ -213,6 +214,20 @@ def run_group(configs, workdir, teacher, generator, student, teacher_vars, chann
   return results, seconds
 
 
+def run_cost(config, seconds: float, whose: str) -> Dict[str, Any]:
+  """What a run cost: its training seconds (the generator and student stages, or DAFL's
+  joint stage; over every call of a resumed run) and the generated samples its generator
+  and its student were trained on. `whose` is 'its own' (a run alone) or 'group share'
+  (a vmapped group's seconds divided by its runs)."""
+  if config.method == 'dafl':
+    generator = student = config.dafl.steps * config.dafl.batch_size
+  else:
+    generator = config.generator.steps * config.generator.batch_size
+    student = config.student.steps * config.student.batch_size
+  return {'training_seconds': float(seconds), 'seconds_are': whose,
+          'generator_samples': generator, 'student_samples': student}
+
+
 def use_vmap(flag: Optional[bool], platform: str) -> bool:
   """--vmap/--novmap as given; unset: vmap everywhere but on CPU."""
   return flag if flag is not None else platform != 'cpu'
@@ -226,13 +241,16 @@ def _summary(values):
 
 def summary_table(result) -> str:
   """Markdown: student test accuracy per setting and overall."""
-  lines = ['| method | setting | seeds | mean | std | min | max |', '|---|---|---|---|---|---|---|']
+  lines = ['| method | setting | seeds | mean | std | min | max | training s per run | '
+           'student samples |', '|---|---|---|---|---|---|---|---|---|']
   rows = result['summary'] + [dict(result['overall'], settings='overall')]
   for row in rows:
     setting = row['settings'] if isinstance(row['settings'], str) else (
         ', '.join(f'{k}={v}' for k, v in row['settings'].items()) or '(base config)')
+    cost = (f"{row['training_seconds']:.0f} | {row['student_samples']:,}"
+            if 'training_seconds' in row else ' | ')
     lines.append(f"| {result['method']} | {setting} | {row['n']} | {row['mean']:.4f} | "
-                 f"{row['std']:.4f} | {row['min']:.4f} | {row['max']:.4f} |")
+                 f"{row['std']:.4f} | {row['min']:.4f} | {row['max']:.4f} | {cost} |")
   return '\n'.join(lines)
 
 
@@ -286,23 +304,27 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
       out, seconds[f'group{g}'] = run_group(
           [runs[i][2] for i in members], os.path.join(workdir, 'groups', str(g)), teacher,
           generator, student, teacher_vars, channels, test_images, test_labels)
+      share = sum(seconds[f'group{g}'].values()) / len(members)
       for i, result in zip(members, out):
-        results[i] = dict(result, group=g)
+        results[i] = dict(result, group=g, **run_cost(runs[i][2], share, 'group share'))
   else:
     for i, (_, _, run) in enumerate(runs):
       report = train.train_and_evaluate(run, os.path.join(workdir, 'runs', str(i)))
-      results[i] = {'test_accuracy': report['student']['test_accuracy'],
-                    'generated_agreement': report['student']['generated_agreement']}
       seconds[f'run{i}'] = {k: report[k]['seconds'] for k in ('generator', 'student', 'dafl')
                             if k in report}
+      results[i] = {'test_accuracy': report['student']['test_accuracy'],
+                    'generated_agreement': report['student']['generated_agreement'],
+                    **run_cost(run, sum(seconds[f'run{i}'].values()), 'its own')}
   total_seconds = time.perf_counter() - t0
 
   per_run = [{'settings': settings, 'seed': seed, **result}
              for (settings, seed, _), result in zip(runs, results)]
   summary = []
   for settings in grid:
-    accs = [r['test_accuracy'] for r in per_run if r['settings'] == settings]
-    summary.append({'settings': settings, **_summary(accs)})
+    rows = [r for r in per_run if r['settings'] == settings]
+    summary.append({'settings': settings, **_summary([r['test_accuracy'] for r in rows]),
+                    'training_seconds': float(np.mean([r['training_seconds'] for r in rows])),
+                    'student_samples': rows[0]['student_samples']})
   result = {
       'method': config.method, 'dataset': config.dataset, 'preset': config.preset,
       'seeds': seeds, 'grid': grid_text, 'vmap': vmap, 'platform': jax.default_backend(),

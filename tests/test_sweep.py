@@ -68,6 +68,51 @@ def test_sweep_json_is_well_formed(sweeps):
   assert '| rdskd | generator.learning_rate=0.002 | 2 |' in table and '| rdskd | overall | 2 |' in table
 
 
+def test_each_run_records_its_cost(sweeps):
+  """Seconds and generated samples per run: a vmapped group's seconds are shared out, a
+  run alone has its own (from its report.json), and the table shows both per setting."""
+  root, vmapped, looped = sweeps
+  config = vmapped['config']
+  samples = {'generator_samples': config['generator']['steps'] * config['generator']['batch_size'],
+             'student_samples': config['student']['steps'] * config['student']['batch_size']}
+  group = sum(vmapped['seconds']['group0'].values())
+  for r in vmapped['runs']:
+    assert r['seconds_are'] == 'group share' and r['training_seconds'] == pytest.approx(group / 2)
+    assert {k: r[k] for k in samples} == samples
+  for i, r in enumerate(looped['runs']):
+    report = json.load(open(root / 'loop' / 'runs' / str(i) / 'report.json'))
+    assert r['seconds_are'] == 'its own' and r['training_seconds'] == pytest.approx(
+        report['generator']['seconds'] + report['student']['seconds'])
+  row = looped['summary'][0]
+  assert row['training_seconds'] == pytest.approx(np.mean([r['training_seconds'] for r in looped['runs']]))
+  assert row['student_samples'] == samples['student_samples'] == 6 * 16
+  table = open(root / 'loop' / 'sweep.md').read()
+  assert f"| {row['training_seconds']:.0f} | 96 |" in table
+  dafl = config_lib.base_config('smoke')
+  dafl.method, dafl.dafl.steps, dafl.dafl.batch_size = 'dafl', 7, 8
+  assert sweep.run_cost(dafl, 3.0, 'its own') == {
+      'training_seconds': 3.0, 'seconds_are': 'its own', 'generator_samples': 56,
+      'student_samples': 56}
+
+
+def test_plot_draws_sweeps_side_by_side(sweeps, tmp_path, capsys):
+  """`python -m rdskd_jax.plot --sweeps=...` draws robustness.png; a directory without
+  sweep.json, or both or neither of --workdir and --sweeps, is a one-line error."""
+  from rdskd_jax import plot
+  root, _, _ = sweeps
+  out = tmp_path / 'robustness.png'
+  assert plot.main([f'--sweeps={root / "vmap"},{root / "loop"}', f'--out={out}']) == 0
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert os.path.getsize(out) > 10_000
+  assert plot.main([f'--sweeps={tmp_path}', f'--out={out}']) == 2
+  assert 'has no sweep.json' in capsys.readouterr().err
+  for argv in ([], [f'--workdir={tmp_path}', f'--sweeps={root / "vmap"}']):
+    with pytest.raises(SystemExit):
+      plot.main(argv)
+  assert 'one of the two' in capsys.readouterr().err
+
+
 def _final(directory):
   step = max(int(d) for d in os.listdir(directory) if d.isdigit())
   return ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), 'default'))
