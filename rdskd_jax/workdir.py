@@ -280,10 +280,14 @@ class Run(NamedTuple):
   student_vars: Any  # None until the student stage has a checkpoint.
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, teacher=None) -> Run:
   """The config (as run) and the trained networks of a workdir, from report.json and the
   latest checkpoints; for plots and notebooks. Raises RunStopped when the run has not
-  got as far as a generator checkpoint."""
+  got as far as a generator checkpoint.
+
+  `teacher`: (module, variables), the Flax teacher a run was given from Python
+  (`train.train_and_evaluate(..., teacher=...)`); such a run saved no teacher, and the
+  one given must have the fingerprint its report.json records."""
   report_path = os.path.join(workdir, 'report.json')
   fix = "run the job's command again to rebuild it"
   if not os.path.exists(report_path) or 'dataset_fields' not in read_json(report_path, fix):
@@ -291,11 +295,25 @@ def load_run(workdir: str) -> Run:
   report = read_json(report_path, fix)
   config = ml_collections.ConfigDict(with_fields_added_later(report['config']))
   fields = report['dataset_fields']
-  teacher, generator, student = stages.build_networks(config, fields['num_classes'], fields['channels'])
-  source = config.teacher.checkpoint or os.path.join(workdir, 'teacher_variables')
-  with config.unlocked():
-    config.teacher.checkpoint = source
-  teacher_vars = restore_teacher(config, teacher, fields['channels'])
+  teacher_module, generator, student = stages.build_networks(config, fields['num_classes'],
+                                                             fields['channels'])
+  ran_with = report.get('teacher', {})
+  if teacher is not None:
+    teacher_module, teacher_vars = teacher
+    given = teacher_lib.fingerprint(teacher_vars)
+    if ran_with.get('fingerprint') not in (None, given):
+      raise ConfigError(f'{workdir!r} was run with another teacher (fingerprint '
+                        f"{ran_with['fingerprint']}, the one given {given})")
+  elif str(ran_with.get('source', '')).startswith('python'):
+    raise ConfigError(f"{workdir!r} was run with a teacher given from Python "
+                      f"({ran_with['source']}), which no workdir holds; pass it: "
+                      'load_run(workdir, teacher=(module, variables))')
+  else:
+    with config.unlocked():
+      config.teacher.checkpoint = (config.teacher.checkpoint or
+                                   os.path.join(workdir, 'teacher_variables'))
+    teacher_vars = restore_teacher(config, teacher_module, fields['channels'])
+  teacher = teacher_module
 
   def latest(stage, template):
     manager = checkpoint_manager(workdir, stage)

@@ -236,6 +236,14 @@ def test_a_flax_module_teacher_from_python(tmp_path, monkeypatch):
   other = module.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
   with pytest.raises(ConfigError, match='was run with another teacher'):
     train.train_and_evaluate(config, str(tmp_path / 'run'), teacher=(module, other))
+  # Plots and notebooks restore such a run given its teacher again, and only that one.
+  run = workdir.load_run(str(tmp_path / 'run'), teacher=(module, variables))
+  assert run.teacher is module and run.student_vars is not None
+  assert teacher.fingerprint(run.teacher_vars) == report['teacher']['fingerprint']
+  with pytest.raises(ConfigError, match=r'a teacher given from Python \(python \(TinyTeacher\)\)'):
+    workdir.load_run(str(tmp_path / 'run'))
+  with pytest.raises(ConfigError, match='was run with another teacher'):
+    workdir.load_run(str(tmp_path / 'run'), teacher=(module, other))
 
   class LogitsOnly(nn.Module):
     @nn.compact
