@@ -43,6 +43,13 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.student.decay_epochs = (800,)   # lr x0.1 from student epoch 800 (authors' code).
   c.student.decay_factor = 0.1
   c.eval_batch_size = 500
+  # DFAD (method='dfad'), the authors' DFAD_cifar.py: batch 256, 500 epochs x 50 steps,
+  # student SGD 0.1 with momentum 0.9 and weight decay 5e-4 (their latent is 256; set
+  # generator.latent_dim for it).
+  c.dfad.batch_size = 256
+  c.dfad.steps = 25000
+  c.dfad.student_learning_rate = 0.1
+  c.dfad.weight_decay = 5e-4
 
   if preset == 'paper':
     pass

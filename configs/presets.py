@@ -27,6 +27,9 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.image_every = 3
   c.dafl.batch_size = 16
   c.dafl.steps = 6
+  c.dfad.batch_size = 16
+  c.dfad.steps = 6
+  c.dfad.student_updates = 2
   c.checkpoint_every = 4
   c.log_every = 2
   c.steps_per_call = 1  # The tests of single steps; tests/test_fused_steps.py fuses them.
@@ -44,6 +47,8 @@ def deep_cpu(c: ml_collections.ConfigDict) -> None:
   c.student.steps = 600
   c.student.epoch_length = 60
   c.student.eval_every = 200
+  c.dfad.batch_size = 64
+  c.dfad.steps = 100
   c.image_every = 40
   c.checkpoint_every = 60
   c.log_every = 10

@@ -106,9 +106,13 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
     for field in ('num_classes', 'channels'):
       _require(isinstance(config[field], int) and config[field] >= 0, field, config[field],
                "0 (the dataset's) or the dataset's value")
-  _require(config.method in ('rdskd', 'dafl'), 'method', config.method, "'rdskd' or 'dafl'")
+  _require(config.method in ('rdskd', 'dafl', 'dfad'), 'method', config.method,
+           "'rdskd', 'dafl' or 'dfad'")
   _require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
            config.generator.bn_prior_weight, 'a weight >= 0')
+  _require(config.method != 'dfad' or config.generator.bn_prior_weight == 0,
+           'generator.bn_prior_weight', config.generator.bn_prior_weight,
+           "0 with method 'dfad' (its generator loss is the discrepancy alone)")
   _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
            ' or '.join(repr(m) for m in parallel.MODES))
   _require(config.dtype in models.DTYPES, 'dtype', config.dtype,
@@ -121,12 +125,16 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
                 'eval_batch_size', 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',
                 'student.batch_size', 'student.steps', 'student.agreement_samples',
-                'diagnostic_samples', 'dafl.batch_size', 'dafl.steps'):
+                'diagnostic_samples', 'dafl.batch_size', 'dafl.steps', 'dfad.batch_size',
+                'dfad.steps', 'dfad.student_updates'):
     _positive_int(config, field)
   for field in ('teacher.learning_rate', 'generator.learning_rate',
                 'student.learning_rate', 'student.temperature', 'student.epoch_length',
-                'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature'):
+                'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature',
+                'dfad.generator_learning_rate', 'dfad.student_learning_rate'):
     _positive_float(config, field)
+  for field in ('dfad.momentum', 'dfad.weight_decay'):
+    _require(_get(config, field) >= 0, field, _get(config, field), 'a value >= 0')
   _require(config.image_size % 4 == 0, 'image_size', config.image_size,
            'a multiple of 4 (the generator upsamples twice), or 0')
   _require(len(config.mean) == len(config.std) and all(s > 0 for s in config.std),
@@ -166,7 +174,7 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
            '0 (never) or a positive step count')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
            config.teacher.max_train_examples, '0 (all) or a positive count')
-  for stage in ('generator', 'student', 'dafl'):
+  for stage in ('generator', 'student', 'dafl', 'dfad'):
     batch = config[stage].batch_size
     _require(batch % 2 == 0, f'{stage}.batch_size', batch,
              'an even number (the diversity loss pairs two halves)')

@@ -29,7 +29,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.mean = (0.1307,)                # Per-channel normalisation mean; (): computed from the
   c.std = (0.3081,)                 #   train split (cached in the workdir). Per-channel std.
   c.seed = 0                        # Root of every random stream of the run.
-  c.method = 'rdskd'                # 'rdskd' (generator, then student) or 'dafl' (joint; c.dafl).
+  c.method = 'rdskd'                # 'rdskd' (generator, then student); 'dafl' or 'dfad' (joint).
   c.parallel = 'pmap'               # 'pmap', 'shard_map' or 'none' (plain jit, one device).
   c.num_devices = 0                 # Devices to use (the first N); 0: all, of all processes.
   c.distributed = False             # jax.distributed.initialize() first (multi-host; see README).
@@ -108,6 +108,19 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.dafl.temperature = 1.0          # DAFL's KD loss has no temperature (T = 1).
   c.dafl.batch_size = 512
   c.dafl.steps = 24000              # 200 epochs x 120 steps.
+
+  # method='dfad' (Fang et al. 2019, the authors' DFAD_mnist.py defaults): each step makes
+  # dfad.student_updates student steps on fresh generated batches, minimising the L1
+  # distance of student and teacher logits, then one generator step maximising it.
+  # generator.latent_dim, student.model and student.eval_every still apply.
+  c.dfad = ml_collections.ConfigDict()
+  c.dfad.generator_learning_rate = 1e-3  # Adam.
+  c.dfad.student_learning_rate = 0.01    # SGD with momentum dfad.momentum.
+  c.dfad.momentum = 0.9
+  c.dfad.weight_decay = 1e-4        # L2 added to the student's gradient (PyTorch's).
+  c.dfad.student_updates = 5        # Student steps per generator step.
+  c.dfad.batch_size = 512
+  c.dfad.steps = 2000               # 40 epochs x 50 iterations, each one generator step.
   return c
 
 

@@ -137,6 +137,20 @@ def dafl_generator_loss(teacher_logits, teacher_features, alpha, beta, *,
   return total, {'one_hot': l_oh, 'activation': l_a, 'information_entropy': l_ie10}
 
 
+def logit_discrepancy(student_logits, teacher_logits, *, axis_name: Optional[str] = None):
+  """DFAD's model discrepancy (Fang et al. 2019, "Data-Free Adversarial Distillation",
+  Eq. 4; the authors' `F.l1_loss` in DFAD_mnist.py): the mean absolute difference of
+  student and teacher logits, over the batch and the classes,
+
+    D = 1 / (N C) sum_n sum_c |s_nc - t_nc|.
+
+  The student minimises D, the generator maximises it (its loss is -D). Gradient flows to
+  both sides; the caller stops what it does not train.
+  """
+  per_sample = jnp.mean(jnp.abs(student_logits - teacher_logits), axis=-1)
+  return global_mean(per_sample, axis_name)
+
+
 def bn_statistics_loss(batch_means, batch_vars, running_means, running_vars):
   """DeepInversion's BatchNorm prior: sum over BatchNorm layers l of
   ||mu_l(batch) - mu_l(running)||_2 + ||var_l(batch) - var_l(running)||_2, where the

@@ -74,7 +74,7 @@ def sample_grid(images, config, columns: int = 8) -> np.ndarray:
 
 # Generator losses of metrics.jsonl, in plotting order.
 _GENERATOR_CURVES = ('one_hot', 'information_entropy', 'diversity', 'activation', 'bn_prior',
-                     'total')
+                     'total', 'generator_l1')
 
 
 def save_curves(workdir: str, path: str = '') -> str:
@@ -87,18 +87,20 @@ def save_curves(workdir: str, path: str = '') -> str:
             if os.path.exists(report_path) else {})
   by_stage = lambda stage: [r for r in rows if r['stage'] == stage]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-  generator = by_stage('generator') or by_stage('dafl')  # DAFL: one joint stage.
+  joint = by_stage('dafl') or by_stage('dfad')  # Methods with one joint stage.
+  generator = by_stage('generator') or joint
   for name in _GENERATOR_CURVES:
     points = [(r['step'], r[name]) for r in generator if name in r]
     if points:
       axes[0].plot(*zip(*points), label=name)
   axes[0].set_title('generator losses')
   axes[0].set_yscale('symlog', linthresh=1e-2)
-  student = by_stage('student') or by_stage('dafl')
+  student = by_stage('student') or joint
+  loss = 'student_l1' if student and 'student_l1' in student[0] else 'kd'  # DFAD: L1.
   if student:
-    axes[1].plot([r['step'] for r in student], [r['kd'] for r in student])
+    axes[1].plot([r['step'] for r in student], [r[loss] for r in student])
     axes[1].set_yscale('log')
-  axes[1].set_title('student KD loss')
+  axes[1].set_title('student L1 loss' if loss == 'student_l1' else 'student KD loss')
   accuracy = [(r['step'], r['test_accuracy']) for r in student if 'test_accuracy' in r]
   final = report.get('student', {})
   if 'test_accuracy' in final and (not accuracy or accuracy[-1][0] != final['steps']):

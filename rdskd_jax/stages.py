@@ -21,7 +21,9 @@ from rdskd_jax.errors import ConfigError
 # streams of one run share a key, and none equals a stream of another seed.
 STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4,
               'diagnostics': 5, 'dafl': 6,
-              'teacher_init': 7, 'generator_init': 8, 'student_init': 9}
+              'teacher_init': 7, 'generator_init': 8, 'student_init': 9, 'dfad': 10}
+# Methods that train generator and student together, in one stage named after the method.
+JOINT_METHODS = ('dafl', 'dfad')
 
 
 def stage_key(config, stage: str):
@@ -119,6 +121,36 @@ def dafl_setup(config, channels: int, generator, teacher, student):
       latent_dim=gcfg.latent_dim, alpha=dcfg.alpha, beta=dcfg.beta,
       temperature=dcfg.temperature, bn_prior_weight=gcfg.bn_prior_weight)
   return state, step_fn
+
+
+def dfad_setup(config, channels: int, generator, teacher, student):
+  """DFAD's joint initial state (generator: Adam; student: SGD with momentum and L2, as
+  the authors' DFAD_mnist.py) and its step."""
+  dcfg, gcfg = config.dfad, config.generator
+  gen_vars = train_steps.init_variables(generator, init_key(config, 'generator'),
+                                         jnp.zeros((2, gcfg.latent_dim)))
+  tx_generator = optax.adam(dcfg.generator_learning_rate)
+  tx_student = optax.sgd(dcfg.student_learning_rate, momentum=dcfg.momentum or None)
+  if dcfg.weight_decay:
+    tx_student = optax.chain(optax.add_decayed_weights(dcfg.weight_decay), tx_student)
+  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
+                                        (config.image_size, config.image_size, channels))
+  state = {'step': jnp.int32(0),
+           'generator': train_steps.new_train_state(gen_vars['params'], tx_generator,
+                                        batch_stats=gen_vars['batch_stats']),
+           'student': train_steps.new_train_state(params, tx_student, **collections),
+           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+  step_fn = functools.partial(
+      train_steps.dfad_step, generator=generator, teacher=teacher, student=student,
+      tx_generator=tx_generator, tx_student=tx_student, batch_size=dcfg.batch_size,
+      latent_dim=gcfg.latent_dim, student_updates=dcfg.student_updates)
+  return state, step_fn
+
+
+def joint_setup(config, channels: int, generator, teacher, student):
+  """The initial state and step of a method in JOINT_METHODS."""
+  setup = {'dafl': dafl_setup, 'dfad': dfad_setup}[config.method]
+  return setup(config, channels, generator, teacher, student)
 
 
 def student_setup(config, channels: int, generator, teacher, student):

@@ -43,11 +43,13 @@ from rdskd_jax.errors import ConfigError, run_reporting_errors
 
 # Fields that may differ within one vmapped group (no shape or program depends on them).
 VMAPPED_FIELDS = ('seed', 'generator.learning_rate', 'student.learning_rate',
-                  'dafl.generator_learning_rate', 'dafl.student_learning_rate')
+                  'dafl.generator_learning_rate', 'dafl.student_learning_rate',
+                  'dfad.generator_learning_rate', 'dfad.student_learning_rate')
 # The learning rates of each method's trained networks, by state path.
 _LEARNING_RATES = {
     'rdskd': {'generator': ('generator.learning_rate',), 'student': ('student.learning_rate',)},
     'dafl': {'dafl': ('dafl.generator_learning_rate', 'dafl.student_learning_rate')},
+    'dfad': {'dfad': ('dfad.generator_learning_rate', 'dfad.student_learning_rate')},
 }
 
 
@@ -135,7 +137,7 @@ def _unit_learning_rates(config):
 def _with_lr(state, config, stage):
   """`state` with each trained network's `lr_scale` from `config`."""
   fields = _LEARNING_RATES[config.method][stage]
-  if stage == 'dafl':
+  if stage in stages.JOINT_METHODS:
     return dict(state, generator=dict(state['generator'], lr_scale=jnp.float32(
         _get(config, fields[0]))), student=dict(state['student'], lr_scale=jnp.float32(
             _get(config, fields[1]))))
@@ -180,12 +182,13 @@ def run_group(configs, workdir, teacher, generator, student, teacher_vars, chann
   unit = [_unit_learning_rates(c) for c in configs]
   frozen = {'teacher': teacher_vars}
   seconds = {}
-  if configs[0].method == 'dafl':
-    setups = [stages.dafl_setup(u, channels, generator, teacher, student) for u in unit]
-    states = [_with_lr(s, c, 'dafl') for (s, _), c in zip(setups, configs)]
-    state, seconds['dafl'] = _run_group_stage(
-        'dafl', configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
-        configs[0].dafl.steps, log)
+  method = configs[0].method
+  if method in stages.JOINT_METHODS:
+    setups = [stages.joint_setup(u, channels, generator, teacher, student) for u in unit]
+    states = [_with_lr(s, c, method) for (s, _), c in zip(setups, configs)]
+    state, seconds[method] = _run_group_stage(
+        method, configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
+        configs[0][method].steps, log)
     gen_vars = train_steps.variables_of(state['generator'])
     student_vars = train_steps.variables_of(state['student'])
   else:
@@ -219,7 +222,10 @@ def run_cost(config, seconds: float, whose: str) -> Dict[str, Any]:
   joint stage; over every call of a resumed run) and the generated samples its generator
   and its student were trained on. `whose` is 'its own' (a run alone) or 'group share'
   (a vmapped group's seconds divided by its runs)."""
-  if config.method == 'dafl':
+  if config.method == 'dfad':  # Each step: student_updates student batches, one generator's.
+    generator = config.dfad.steps * config.dfad.batch_size
+    student = generator * config.dfad.student_updates
+  elif config.method == 'dafl':
     generator = student = config.dafl.steps * config.dafl.batch_size
   else:
     generator = config.generator.steps * config.generator.batch_size
@@ -310,8 +316,9 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
   else:
     for i, (_, _, run) in enumerate(runs):
       report = train.train_and_evaluate(run, os.path.join(workdir, 'runs', str(i)))
-      seconds[f'run{i}'] = {k: report[k]['seconds'] for k in ('generator', 'student', 'dafl')
-                            if k in report}
+      seconds[f'run{i}'] = ({run.method: report[run.method]['seconds']}
+                            if run.method in stages.JOINT_METHODS else
+                            {k: report[k]['seconds'] for k in ('generator', 'student')})
       results[i] = {'test_accuracy': report['student']['test_accuracy'],
                     'generated_agreement': report['student']['generated_agreement'],
                     **run_cost(run, sum(seconds[f'run{i}'].values()), 'its own')}

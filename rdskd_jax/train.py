@@ -180,18 +180,19 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
                             report_fn=report_fn)
 
   frozen = {'teacher': teacher_vars}
-  if config.method == 'dafl':
-    state, step_fn = stages.dafl_setup(config, channels, generator, teacher, student)
+  joint = config.method in stages.JOINT_METHODS
+  if joint:
+    state, step_fn = stages.joint_setup(config, channels, generator, teacher, student)
     state, seconds = stage(
-        'dafl', state, frozen, step_fn, config.dafl.steps, lambda s: {
+        config.method, state, frozen, step_fn, config[config.method].steps, lambda s: {
             **watch_generator(s['generator']), **student_accuracy(s['student'])},
         config.student.eval_every)
     stage_seconds += seconds
     gen_vars, student_vars = (train_steps.variables_of(state['generator']),
                               train_steps.variables_of(state['student']))
-    student_steps = config.dafl.steps
-    student_seconds = report.total_seconds('dafl', seconds)
-    report.add('dafl', {'steps': student_steps, 'seconds': student_seconds})
+    student_steps = config[config.method].steps
+    student_seconds = report.total_seconds(config.method, seconds)
+    report.add(config.method, {'steps': student_steps, 'seconds': student_seconds})
     report.add('generator', {'steps': student_steps, 'seconds': student_seconds,
                              'trained_with': 'student'})
   else:
@@ -210,7 +211,7 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
     log.flush()
     report.add('diagnostics', values)
     metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
-  if config.method != 'dafl':
+  if not joint:
     state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
     state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
                            config.student.steps, student_accuracy, config.student.eval_every)

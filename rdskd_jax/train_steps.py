@@ -277,6 +277,77 @@ def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_genera
           dict(aux, total=g_total, kd=kd))
 
 
+def _same_dtypes(new, old):
+  """`new` cast to the dtypes of `old` (a scan carries one type from step to step)."""
+  return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+
+def dfad_step(state, frozen, root_key, *, generator, teacher, student, tx_generator,
+              tx_student, batch_size, latent_dim, student_updates, axis_name):
+  """One DFAD step (Fang et al. 2019; the authors' DFAD_mnist.py): `student_updates`
+  student steps, each on a fresh generated batch (no gradient to the generator),
+  minimising the L1 logit discrepancy to the frozen teacher; then one generator step on
+  a fresh batch, maximising it against the updated student.
+
+  As in the authors' code, the generator and the student stay in training mode
+  throughout: every generator forward uses its batch's BatchNorm statistics and updates
+  the running ones, and so does the student's forward in the generator step.
+  """
+  key = jax.random.fold_in(root_key, state['step'])
+  generator = generator.clone(axis_name=axis_name)
+  student = student.clone(axis_name=axis_name)
+  g_state = state['generator']
+  g_params = _in_compute_precision(g_state['params'], generator.dtype)
+
+  def generate(params, batch_stats, k):
+    z = local_noise(jax.random.fold_in(key, k), batch_size, latent_dim, axis_name)
+    images, updates = generator.apply({'params': params, 'batch_stats': batch_stats}, z,
+                                      train=True, mutable=['batch_stats'])
+    teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+    return images, teacher_logits, _same_dtypes(updates['batch_stats'], batch_stats)
+
+  def student_update(carry, k):
+    g_stats, s_state = carry
+    images, teacher_logits, g_stats = generate(g_params, g_stats, k)
+    images, teacher_logits = jax.lax.stop_gradient((images, teacher_logits))
+
+    def loss_fn(params):
+      (student_logits, _), parts = train_forward(student, s_state, params, images)
+      return losses.logit_discrepancy(student_logits, teacher_logits,
+                                      axis_name=axis_name), parts
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        _in_compute_precision(s_state['params'], student.dtype))
+    return (g_stats, apply_gradients(s_state, grads, tx_student, axis_name, loss,
+                                     **parts)), loss
+
+  (g_stats, s_state), student_losses = jax.lax.scan(
+      student_update, (g_state['batch_stats'], state['student']), jnp.arange(student_updates))
+  s_params = _in_compute_precision(s_state['params'], student.dtype)
+
+  def generator_loss(params):
+    images, teacher_logits, stats = generate(params, g_stats, student_updates)
+    (student_logits, _), s_parts = train_forward(student, s_state, s_params, images)
+    discrepancy = losses.logit_discrepancy(student_logits, teacher_logits,
+                                           axis_name=axis_name)
+    return -discrepancy, (discrepancy, stats, s_parts)
+
+  (g_loss, (discrepancy, g_stats, s_parts)), g_grads = jax.value_and_grad(
+      generator_loss, has_aux=True)(g_params)
+  g_state = apply_gradients(g_state, g_grads, tx_generator, axis_name, g_loss,
+                            batch_stats=g_stats)
+  if s_parts:  # The student's running statistics of the generator step, where finite.
+    s_parts = _same_dtypes(s_parts, {k: s_state[k] for k in s_parts})
+    finite = _all_finite(s_parts)
+    s_state = dict(s_state, **jax.tree.map(lambda n, o: jnp.where(finite, n, o), s_parts,
+                                           {k: s_state[k] for k in s_parts}))
+  bad_g, bad_s = g_state['nonfinite'], s_state['nonfinite']
+  return ({'step': state['step'] + 1, 'generator': g_state, 'student': s_state,
+           'nonfinite': {'total': bad_g['total'] + bad_s['total'],
+                         'streak': jnp.maximum(bad_g['streak'], bad_s['streak'])}},
+          {'student_l1': student_losses[-1], 'generator_l1': discrepancy})
+
+
 def optimizer(cfg, steps: int, steps_per_epoch: int):
   """The optax optimizer of a stage's config: Adam or SGD with momentum, an optional L2
   term added to the gradient (PyTorch's weight_decay) and a learning-rate schedule over

@@ -178,8 +178,12 @@ def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   """{field: (saved value, new value)} of the fields that change a run's results."""
   old = traverse_util.flatten_dict(with_fields_added_later(saved), sep='.')
   new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
+  # A method's own block (config.dafl, config.dfad) changes nothing in another method's
+  # run, and a block added later is absent from older saved configs.
+  unused = {m for m in stages.JOINT_METHODS if config.method != m}
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)}
+          if k not in RESUMABLE_FIELDS and k.split('.')[0] not in unused
+          and old.get(k) != new.get(k)}
 
 
 def make_writable_workdir(workdir: str) -> None:
@@ -320,9 +324,9 @@ def load_run(workdir: str, teacher=None) -> Run:
     step = manager.latest_step()
     return None if step is None else restore_like(manager, step, template)
 
-  if config.method == 'dafl':
-    joint = latest('dafl', stages.dafl_setup(config, fields['channels'], generator, teacher,
-                                      student)[0])
+  if config.method in stages.JOINT_METHODS:
+    joint = latest(config.method, stages.joint_setup(config, fields['channels'], generator,
+                                                     teacher, student)[0])
     generator_state, student_state = (None, None) if joint is None else (
         joint['generator'], joint['student'])
   else:

@@ -42,6 +42,9 @@ def test_unknown_preset():
     ('student.model', 'resnet', "config.student.model='resnet': expected one of lenet5"),
     ('student.generator_batchnorm', 'eval',
      "config.student.generator_batchnorm='eval': expected 'running' or 'batch'"),
+    ('method', 'zskd', "config.method='zskd': expected 'rdskd', 'dafl' or 'dfad'"),
+    ('dfad.student_updates', 0, 'config.dfad.student_updates=0: expected a positive integer'),
+    ('dfad.weight_decay', -1e-4, 'config.dfad.weight_decay=-0.0001: expected a value >= 0'),
 ])
 def test_bad_values_are_named(field, value, message):
   config = mnist.get_config('smoke')
@@ -49,6 +52,17 @@ def test_bad_values_are_named(field, value, message):
   (config[parent] if parent else config)[name] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
     config_checks.validate(config)
+
+
+def test_dfad_takes_no_batchnorm_prior():
+  config = mnist.get_config('smoke')
+  config.method, config.generator.bn_prior_weight = 'dfad', 0.1
+  with pytest.raises(config_lib.ConfigError, match="bn_prior_weight=0.1: expected 0 with method 'dfad'"):
+    config_checks.validate(config)
+  config.method = 'dafl'
+  config_checks.validate(config)
+
+
 
 
 def test_batch_not_divisible_by_devices_names_both_numbers():

@@ -61,6 +61,18 @@ def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, te
   assert saved and report['config']['teacher']['model'] == teacher
 
 
+def test_dfad_on_cifar10(mock_tfds, tmp_path):
+  """DFAD with BatchNorm networks (ResNet-34 -> ResNet-18), whose generator and student
+  both train in BatchNorm's training mode."""
+  config = cifar10.get_config('smoke')
+  config.method = 'dfad'
+  report = _run(config, tmp_path)
+  assert report['dfad']['steps'] == config.dfad.steps
+  assert report['config']['dfad']['student_learning_rate'] == 0.1  # DFAD_cifar.py's.
+  rows = [json.loads(line) for line in open(os.path.join(tmp_path, 'metrics.jsonl'))]
+  assert any('student_l1' in r for r in rows if r['stage'] == 'dfad')
+
+
 @pytest.mark.parametrize('mock_tfds', [512], indirect=True)  # The smoke teacher batch.
 def test_mnist_config_runs_another_one_channel_dataset(mock_tfds, tmp_path):
   config = mnist.get_config('smoke')
