@@ -101,20 +101,25 @@ def generator_setup(config, generator, teacher):
   return state, step_fn
 
 
+def _joint_state(config, channels: int, generator, student, tx_generator, tx_student):
+  """The initial state of a joint method: generator and student train states."""
+  gen_vars = train_steps.init_variables(generator, init_key(config, 'generator'),
+                                         jnp.zeros((2, config.generator.latent_dim)))
+  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
+                                        (config.image_size, config.image_size, channels))
+  return {'step': jnp.int32(0),
+          'generator': train_steps.new_train_state(gen_vars['params'], tx_generator,
+                                                   batch_stats=gen_vars['batch_stats']),
+          'student': train_steps.new_train_state(params, tx_student, **collections),
+          'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+
+
 def dafl_setup(config, channels: int, generator, teacher, student):
   """DAFL's joint initial state (generator and student train states) and its step."""
   dcfg, gcfg = config.dafl, config.generator
-  gen_vars = train_steps.init_variables(generator, init_key(config, 'generator'),
-                                         jnp.zeros((2, gcfg.latent_dim)))
   tx_generator = optax.adam(dcfg.generator_learning_rate)
   tx_student = optax.adam(dcfg.student_learning_rate)
-  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
-                                        (config.image_size, config.image_size, channels))
-  state = {'step': jnp.int32(0),
-           'generator': train_steps.new_train_state(gen_vars['params'], tx_generator,
-                                        batch_stats=gen_vars['batch_stats']),
-           'student': train_steps.new_train_state(params, tx_student, **collections),
-           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+  state = _joint_state(config, channels, generator, student, tx_generator, tx_student)
   step_fn = functools.partial(
       train_steps.dafl_step, generator=generator, teacher=teacher, student=student,
       tx_generator=tx_generator, tx_student=tx_student, batch_size=dcfg.batch_size,
@@ -127,19 +132,11 @@ def dfad_setup(config, channels: int, generator, teacher, student):
   """DFAD's joint initial state (generator: Adam; student: SGD with momentum and L2, as
   the authors' DFAD_mnist.py) and its step."""
   dcfg, gcfg = config.dfad, config.generator
-  gen_vars = train_steps.init_variables(generator, init_key(config, 'generator'),
-                                         jnp.zeros((2, gcfg.latent_dim)))
   tx_generator = optax.adam(dcfg.generator_learning_rate)
   tx_student = optax.sgd(dcfg.student_learning_rate, momentum=dcfg.momentum or None)
   if dcfg.weight_decay:
     tx_student = optax.chain(optax.add_decayed_weights(dcfg.weight_decay), tx_student)
-  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
-                                        (config.image_size, config.image_size, channels))
-  state = {'step': jnp.int32(0),
-           'generator': train_steps.new_train_state(gen_vars['params'], tx_generator,
-                                        batch_stats=gen_vars['batch_stats']),
-           'student': train_steps.new_train_state(params, tx_student, **collections),
-           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+  state = _joint_state(config, channels, generator, student, tx_generator, tx_student)
   step_fn = functools.partial(
       train_steps.dfad_step, generator=generator, teacher=teacher, student=student,
       tx_generator=tx_generator, tx_student=tx_student, batch_size=dcfg.batch_size,
