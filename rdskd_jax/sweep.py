@@ -4,7 +4,7 @@
         --grid='generator.learning_rate=1e-3,2e-3,4e-3'
 
 `--grid` is `field=v1,v2,...` clauses joined by `;`; the settings are their cartesian
-product, each run with seeds config.seed, config.seed + 1, ... The teacher is trained once
+product (products joined by `|` follow one another), each run with seeds config.seed, config.seed + 1, ... The teacher is trained once
 in `W/teacher` (or taken from config.teacher.checkpoint) and shared by every run.
 
 Runs whose configs differ only in the seed and learning rates share every shape, so they
@@ -12,7 +12,8 @@ are batched: their states are stacked along a leading run axis and each stage's 
 `jax.jit(jax.vmap(step))`, one compiled program for the whole group (the learning rate of
 each run lives in its state). Runs that differ in anything else (batch sizes, step counts,
 loss weights) form separate groups, run one after another. `--novmap` runs every run
-through the ordinary pipeline one by one instead (`W/runs/<i>`). Without either flag,
+through the ordinary pipeline one by one instead (`W/runs/<i>`; a run found finished
+there, with its config and teacher, is read and not run again). Without either flag,
 runs are vmapped on GPU/TPU and run one by one on CPU: on a 2-core CPU the vmapped convs
 (one kernel per run, a grouped convolution) measured slower than the runs one by one.
 
@@ -38,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rdskd_jax import (config_checks, data, evaluation, metrics, parallel, runner, stages,
-                       train, train_steps, workdir as workdir_lib)
+                       teacher as teacher_lib, train, train_steps, workdir as workdir_lib)
 from rdskd_jax.errors import ConfigError, run_reporting_errors
 
 # Fields that may differ within one vmapped group (no shape or program depends on them).
@@ -54,7 +55,14 @@ _LEARNING_RATES = {
 
 
 def parse_grid(text: str) -> List[Dict[str, Any]]:
-  """'a.b=1,2;c=x' -> [{'a.b': 1, 'c': 'x'}, {'a.b': 2, 'c': 'x'}] (cartesian product)."""
+  """'a.b=1,2;c=x' -> [{'a.b': 1, 'c': 'x'}, {'a.b': 2, 'c': 'x'}] (cartesian product);
+  products joined by '|' are run one after another: 'a=1,2|b=x' -> [{'a': 1}, {'a': 2},
+  {'b': 'x'}] (each field varied alone, the others at the config's values)."""
+  if '|' in text:
+    settings = []
+    for part in text.split('|'):
+      settings += [s for s in parse_grid(part) if s not in settings]
+    return settings
   if not text.strip():
     return [{}]
   fields = {}
@@ -234,6 +242,26 @@ def run_cost(config, seconds: float, whose: str) -> Dict[str, Any]:
           'generator_samples': generator, 'student_samples': student}
 
 
+def finished_report(config, workdir: str, teacher_fingerprint: str):
+  """The report.json of a run that finished in `workdir` with this config and teacher, or
+  None. The teacher is compared by fingerprint, not by its path, so that the finished runs
+  of a sweep, copied (config.json and report.json) into a workdir on another machine, are
+  taken as they are and not run again."""
+  paths = [os.path.join(workdir, name) for name in ('config.json', 'report.json')]
+  if not all(os.path.exists(p) for p in paths):
+    return None
+  try:
+    saved, report = (workdir_lib.read_json(p, '') for p in paths)
+  except ConfigError:
+    return None  # Damaged: the run resumes from its checkpoints, or refuses to.
+  differences = workdir_lib.config_differences(saved, config)
+  differences.pop('teacher.checkpoint', None)
+  if (differences or 'timing' not in report  # 'timing' is written last, by a whole call.
+      or report.get('teacher', {}).get('fingerprint') != teacher_fingerprint):
+    return None
+  return report
+
+
 def use_vmap(flag: Optional[bool], platform: str) -> bool:
   """--vmap/--novmap as given; unset: vmap everywhere but on CPU."""
   return flag if flag is not None else platform != 'cpu'
@@ -314,14 +342,18 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
       for i, result in zip(members, out):
         results[i] = dict(result, group=g, **run_cost(runs[i][2], share, 'group share'))
   else:
+    fingerprint = teacher_lib.fingerprint(teacher_vars)
     for i, (_, _, run) in enumerate(runs):
-      report = train.train_and_evaluate(run, os.path.join(workdir, 'runs', str(i)))
+      run_dir = os.path.join(workdir, 'runs', str(i))
+      report = (finished_report(run, run_dir, fingerprint)
+                or train.train_and_evaluate(run, run_dir))
       seconds[f'run{i}'] = ({run.method: report[run.method]['seconds']}
                             if run.method in stages.JOINT_METHODS else
                             {k: report[k]['seconds'] for k in ('generator', 'student')})
       results[i] = {'test_accuracy': report['student']['test_accuracy'],
                     'generated_agreement': report['student']['generated_agreement'],
-                    **run_cost(run, sum(seconds[f'run{i}'].values()), 'its own')}
+                    **run_cost(run, sum(seconds[f'run{i}'].values()), 'its own'),
+                    'cpu': report.get('machine', {}).get('cpu', '')}  # Where it ran.
   total_seconds = time.perf_counter() - t0
 
   per_run = [{'settings': settings, 'seed': seed, **result}
@@ -335,6 +367,7 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
   result = {
       'method': config.method, 'dataset': config.dataset, 'preset': config.preset,
       'seeds': seeds, 'grid': grid_text, 'vmap': vmap, 'platform': jax.default_backend(),
+      'machine': train.machine(),
       'teacher': teacher_report, 'runs': per_run, 'summary': summary,
       'overall': _summary([r['test_accuracy'] for r in per_run]),
       'seconds': {'total (all runs, after the teacher)': total_seconds, **seconds},

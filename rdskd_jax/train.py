@@ -67,6 +67,20 @@ def _check_outside_teacher(config, given, num_classes, channels):
                                num_classes, f'teacher {type(given[0]).__name__}')
 
 
+def machine():
+  """What ran this process: the CPU's model name and core count, and the accelerator's
+  kind. Training seconds compare only between runs on one kind of machine."""
+  cpu = ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f
+                  if line.startswith('model name')), '')
+  except OSError:  # Not Linux: the platform module's coarser name.
+    import platform
+    cpu = platform.processor()
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'device_kind': jax.devices()[0].device_kind}
+
+
 class Report:
   """report.json, rewritten whole (atomically) after each stage. Training seconds add up
   over the runs of a workdir: a resumed stage adds the time of its rest."""
@@ -120,6 +134,7 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
       'preset': config.get('preset', ''), 'devices': par.num_devices,
       'processes': jax.process_count(), 'parallel': config.parallel,
       'platform': jax.default_backend(), 'jax_version': jax.__version__,
+      'machine': machine(),
       'seed': config.seed, 'config': config.to_dict()})
   test_images = test_labels = None  # Without a dataset nothing is evaluated on real data.
   if config.dataset:

@@ -24,6 +24,7 @@ def test_report_records_every_stage(smoke_run):
   assert on_disk == json.loads(json.dumps(report))
   assert report['dataset'] == 'mnist' and report['devices'] >= 1
   assert report['parallel'] == 'pmap' and report['preset'] == 'smoke'
+  assert report['machine']['cpu_count'] >= 1 and report['machine']['device_kind'] == 'cpu'
   # 8 steps on 4k real images already beat chance on the real test split by far.
   assert 0.3 < report['teacher']['test_accuracy'] <= 1.0
   assert report['teacher']['seconds'] > 0

@@ -18,6 +18,9 @@ GRID = 'generator.learning_rate=2e-3'
 def test_parse_grid_is_a_cartesian_product():
   assert sweep.parse_grid('a=1,2;b=x') == [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}]
   assert sweep.parse_grid('') == [{}]
+  assert sweep.parse_grid('a=1,2;b=x|a=1|c=3') == [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'},
+                                                   {'a': 1}, {'c': 3}]
+  assert sweep.parse_grid('a=1|a=1,2') == [{'a': 1}, {'a': 2}]  # Each setting once.
   with pytest.raises(config_lib.ConfigError, match="--grid clause 'a': expected field="):
     sweep.parse_grid('a')
 
@@ -111,6 +114,62 @@ def test_plot_draws_sweeps_side_by_side(sweeps, tmp_path, capsys):
     with pytest.raises(SystemExit):
       plot.main(argv)
   assert 'one of the two' in capsys.readouterr().err
+
+
+def test_finished_runs_copied_elsewhere_are_not_run_again(sweeps, tmp_path):
+  """A one-by-one sweep takes a run's copied config.json and report.json as finished,
+  with its teacher at another path; a report of another teacher is not taken (its
+  workdir then refuses the run), and a missing run is run."""
+  import shutil
+  from configs import mnist
+  root, _, looped = sweeps
+  teacher = tmp_path / 'elsewhere' / 'teacher_variables'
+  shutil.copytree(root / 'vmap' / 'teacher' / 'teacher_variables', teacher)
+  for i in (0, 1):
+    (tmp_path / 'copy' / 'runs' / str(i)).mkdir(parents=True)
+    for name in ('config.json', 'report.json'):
+      shutil.copy(root / 'loop' / 'runs' / str(i) / name, tmp_path / 'copy' / 'runs' / str(i))
+  report_1 = tmp_path / 'copy' / 'runs' / '1' / 'report.json'
+  content = json.load(open(report_1))
+  content['teacher']['fingerprint'] = 'another teacher'
+  json.dump(content, open(report_1, 'w'))
+  config = mnist.get_config('smoke')
+  config.data_dir, config.dtype = looped['config']['data_dir'], 'float64'
+  config.teacher.checkpoint = str(teacher)
+  with jax.enable_x64(True):
+    # Not finished for this teacher, so run: its workdir refuses, naming the teacher field.
+    with pytest.raises(config_lib.ConfigError, match=r'holds a run of another config '
+                       r'\(teacher.checkpoint: '):
+      sweep.sweep(config, str(tmp_path / 'copy'), 2, GRID, vmap=False)
+  assert not (tmp_path / 'copy' / 'runs' / '0' / 'checkpoints').exists()
+  shutil.rmtree(tmp_path / 'copy' / 'runs' / '1')
+  with jax.enable_x64(True):
+    again = sweep.sweep(config, str(tmp_path / 'copy'), 2, GRID, vmap=False)
+  assert not (tmp_path / 'copy' / 'runs' / '0' / 'checkpoints').exists()
+  assert (tmp_path / 'copy' / 'runs' / '1' / 'checkpoints').exists()
+  for a, b in zip(again['runs'], looped['runs']):
+    assert a['test_accuracy'] == pytest.approx(b['test_accuracy'], abs=3e-4)
+  assert again['runs'][0] == looped['runs'][0]
+
+
+def test_the_study_table_reads_finished_runs(sweeps, tmp_path):
+  """experiments/robustness_table.py: a row per finished run, a summary per setting; an
+  unfinished run (no 'timing' in its report) is left out."""
+  import shutil
+  from experiments import robustness_table
+  root, _, looped = sweeps
+  for i in (0, 1):
+    shutil.copytree(root / 'loop' / 'runs' / str(i), tmp_path / 'rdskd' / 'runs' / str(i),
+                    ignore=shutil.ignore_patterns('checkpoints', 'tensorboard'))
+  report = json.load(open(tmp_path / 'rdskd' / 'runs' / '1' / 'report.json'))
+  del report['timing']
+  json.dump(report, open(tmp_path / 'rdskd' / 'runs' / '1' / 'report.json', 'w'))
+  text = robustness_table.tables(str(tmp_path))
+  accuracy = looped['runs'][0]['test_accuracy']
+  assert '### rdskd: 1 finished runs' in text
+  assert f'| 0 | generator.learning_rate=0.002 | 0 | {accuracy:.4f} |' in text
+  assert f'| generator.learning_rate=0.002 | 1 | {accuracy:.4f} | {accuracy:.4f} |' in text
+  assert '| 1 |' not in text
 
 
 def _final(directory):
