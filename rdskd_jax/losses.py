@@ -160,3 +160,93 @@ def bn_statistics_loss(batch_means, batch_vars, running_means, running_vars):
   terms = [jnp.linalg.norm(bm - rm) + jnp.linalg.norm(bv - rv)
            for bm, bv, rm, rv in zip(batch_means, batch_vars, running_means, running_vars)]
   return jnp.sum(jnp.stack(terms))
+
+
+# ------------------------------------------------------------ DeepInversion and ZSKD
+
+
+def _global_norm(x, axis_name: Optional[str]):
+  """The Frobenius norm of `x` over the global batch (squares summed before the root)."""
+  return jnp.sqrt(_global_sum(jnp.sum(jnp.square(x)), axis_name))
+
+
+def total_variation(images, *, axis_name: Optional[str] = None):
+  """DeepInversion's total-variation prior (Yin et al., CVPR 2020, Eq. 3's R_TV; the
+  `loss_var` of the authors' cifar10/deepinversion_cifar10.py): the sum of the Frobenius
+  norms, over the batch, of the differences of neighbouring pixels along the width, the
+  height and the two diagonals,
+
+    R_TV = ||x[:, :, 1:] - x[:, :, :-1]|| + ||x[:, 1:] - x[:, :-1]||
+           + ||x[:, 1:, :-1] - x[:, :-1, 1:]|| + ||x[:, 1:, 1:] - x[:, :-1, :-1]||,
+
+  for images (N, H, W, C). Not a mean: like the authors' term, it grows with the batch.
+  """
+  diffs = (images[:, :, 1:] - images[:, :, :-1], images[:, 1:] - images[:, :-1],
+           images[:, 1:, :-1] - images[:, :-1, 1:], images[:, 1:, 1:] - images[:, :-1, :-1])
+  return sum(_global_norm(d, axis_name) for d in diffs)
+
+
+def image_l2(images, *, axis_name: Optional[str] = None):
+  """DeepInversion's L2 prior R_l2 = ||x||, the Frobenius norm of the whole batch."""
+  return _global_norm(images, axis_name)
+
+
+def competition_loss(student_logits, teacher_logits, temperature, *,
+                     axis_name: Optional[str] = None):
+  """Adaptive DeepInversion's competition term (Yin et al. 2020, Eq. 8; the authors'
+  `loss_verifier_cig`): 1 - JS, the Jensen-Shannon divergence of teacher and student
+  predictions at `temperature` (3 in the authors' code) clipped to [0, 1],
+
+    p = clip(softmax(s / T)), q = clip(softmax(t / T)), m = clip((p' + q') / 2),
+    JS = 1/N sum_n [KL(m_n || p_n) + KL(m_n || q_n)] / 2,
+
+  where p' and q' are the unclipped predictions, and every clip is to [0.01, 0.99] as in
+  the authors' code (it bounds the logarithms). Minimised over the images, it seeks inputs
+  on which the student disagrees with the teacher; the student itself is not trained by
+  it (the caller stops its gradient).
+  """
+  p_raw = jax.nn.softmax(student_logits / temperature, axis=-1)
+  q_raw = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+  clip = lambda x: jnp.clip(x, 0.01, 0.99)
+  p, q, m = clip(p_raw), clip(q_raw), clip((p_raw + q_raw) / 2)
+  kl = lambda a, b: jnp.sum(a * (jnp.log(a) - jnp.log(b)), axis=-1)
+  js = global_mean((kl(m, p) + kl(m, q)) / 2, axis_name)
+  return 1.0 - jnp.clip(js, 0.0, 1.0)
+
+
+def class_similarity(final_weights):
+  """ZSKD's class similarity matrix (Nayak et al., ICML 2019, Sec. 3.1; the authors'
+  di_generation/dirichmat.py): the cosine similarities of the columns of the teacher's
+  final layer weights (features F, classes K) as a (K, K) matrix, min-max normalised over
+  the whole matrix to [0, 1]:
+
+    w_k = W[:, k] / ||W[:, k]||,  S_ij = w_i . w_j,  C = (S - min S) / (max S - min S).
+  """
+  w = final_weights / jnp.linalg.norm(final_weights, axis=0, keepdims=True)
+  similarity = w.T @ w
+  return (similarity - similarity.min()) / (similarity.max() - similarity.min())
+
+
+def dirichlet_concentration(similarity_row, beta):
+  """ZSKD's Dirichlet concentration for the soft targets of one class k: its row of the
+  class similarity matrix, min-max normalised to [0, 1] (so the class itself weighs 1),
+  times the scale beta (the paper's 1.0 and 0.1), plus the authors' floor of 1e-4, which
+  keeps every concentration positive:  alpha = beta (c - min c) / (max c - min c) + 1e-4.
+
+  The authors' script normalises each row again after scaling the matrix, which undoes a
+  scale of 0.1; here beta applies after the row's normalisation, as the paper states.
+  """
+  low, high = similarity_row.min(), similarity_row.max()
+  return beta * (similarity_row - low) / (high - low) + 1e-4
+
+
+def soft_target_cross_entropy(logits, targets, temperature, *,
+                              axis_name: Optional[str] = None):
+  """ZSKD's data-impression objective (Nayak et al. 2019, Eq. 3; the authors'
+  `softmax_cross_entropy_with_logits_v2` on the logits over 20): the cross-entropy of
+  the teacher's prediction at `temperature` against a soft target y, mean over the batch,
+
+    L = -1/N sum_n sum_k y_nk log softmax(z_n / T)_k.
+  """
+  log_probs = jax.nn.log_softmax(logits / temperature, axis=-1)
+  return global_mean(-jnp.sum(targets * log_probs, axis=-1), axis_name)
