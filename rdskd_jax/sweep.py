@@ -4,8 +4,9 @@
         --grid='generator.learning_rate=1e-3,2e-3,4e-3'
 
 `--grid` is `field=v1,v2,...` clauses joined by `;`; the settings are their cartesian
-product (products joined by `|` follow one another), each run with seeds config.seed, config.seed + 1, ... The teacher is trained once
-in `W/teacher` (or taken from config.teacher.checkpoint) and shared by every run.
+product (products joined by `|` follow one another), each run with seeds config.seed,
+config.seed + 1, ... The teacher is trained once in `W/teacher` (or taken from
+config.teacher.checkpoint) and shared by every run.
 
 Runs whose configs differ only in the seed and learning rates share every shape, so they
 are batched: their states are stacked along a leading run axis and each stage's step is
