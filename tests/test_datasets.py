@@ -61,6 +61,8 @@ def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, te
   assert saved and report['config']['teacher']['model'] == teacher
 
 
+# Slow: ResNet-34 and -18 compile for minutes; DFAD's MNIST smoke run is in the default set.
+@pytest.mark.slow
 def test_dfad_on_cifar10(mock_tfds, tmp_path):
   """DFAD with BatchNorm networks (ResNet-34 -> ResNet-18), whose generator and student
   both train in BatchNorm's training mode."""

@@ -87,6 +87,7 @@ def test_dfad_smoke_end_to_end(mnist_data_dir, tmp_path):
   assert os.path.getsize(tmp_path / 'samples.png') > 1000
 
 
+@pytest.mark.slow  # Two whole float64 runs.
 def test_two_devices_equal_one_in_float64(mnist_data_dir, tmp_path):
   with jax.enable_x64(True):
     one = _dfad(mnist_data_dir, parallel='none', dtype='float64')

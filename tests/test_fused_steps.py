@@ -80,6 +80,7 @@ def test_fused_calls_compute_single_steps_in_float64(parallel, num_devices, shar
                   stages=('generator', 'student'))
 
 
+@pytest.mark.slow  # Two float64 DAFL runs; fusing RDSKD's stages is tested above.
 def test_fused_dafl_computes_single_steps_in_float64(shared_teacher, mnist_data_dir, tmp_path):
   """DAFL's joint steps, 3 + 1 per stage. Float64: in float32 its generator learning rate
   of 0.2 turns the rounding of another program into a coverage entropy 0.09 apart after

@@ -124,7 +124,9 @@ def assert_same_run_float64(workdir, one_device_f64, data_dir):
 
 
 # float64 compute (parameters stay float32): the data-parallel run is the one-device run.
-@pytest.mark.parametrize('mode, num_devices', [('pmap', 2), ('shard_map', 4)])
+# pmap on 2 devices is slow-marked: the float32 test below runs pmap on 8.
+@pytest.mark.parametrize('mode, num_devices', [pytest.param('pmap', 2, marks=pytest.mark.slow),
+                                               ('shard_map', 4)])
 def test_data_parallel_run_equals_one_device_in_float64(mode, num_devices, one_device_f64,
                                                         mnist_data_dir, tmp_path):
   with jax.enable_x64(True):
@@ -172,6 +174,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# Slow: 2 processes in float64 and a reference run. The SIGTERM test below runs the same
+# 2-process path in every default run.
+@pytest.mark.slow
 def test_two_processes_equal_one_device(one_device_f64, mnist_data_dir, tmp_path):
   """jax.distributed on CPU: 2 processes x 2 devices, collectives over gloo, float64
   compute; through the command line, as a pod slice would run it."""
