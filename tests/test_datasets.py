@@ -40,7 +40,8 @@ def _run(config, workdir):
 
 @pytest.mark.parametrize('module, dataset, teacher, student', [
     (svhn, 'svhn_cropped', 'wrn_40_2', 'wrn_16_1'),
-    pytest.param(cifar10, 'cifar10', 'resnet34', 'resnet18', marks=pytest.mark.slow)])  # ResNets compile for minutes.
+    # Slow: ResNet-34 and -18 compile for minutes.
+    pytest.param(cifar10, 'cifar10', 'resnet34', 'resnet18', marks=pytest.mark.slow)])
 def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, teacher,
                                         student):
   config = module.get_config('smoke')

@@ -125,8 +125,8 @@ def assert_same_run_float64(workdir, one_device_f64, data_dir):
 
 # float64 compute (parameters stay float32): the data-parallel run is the one-device run.
 # Slow: float64 runs plus references. The float32 test below runs pmap and shard_map on 8.
-@pytest.mark.parametrize('mode, num_devices', [pytest.param('pmap', 2, marks=pytest.mark.slow),
-                                               pytest.param('shard_map', 4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('mode, num_devices', [('pmap', 2), ('shard_map', 4)])
 def test_data_parallel_run_equals_one_device_in_float64(mode, num_devices, one_device_f64,
                                                         mnist_data_dir, tmp_path):
   with jax.enable_x64(True):
