@@ -51,6 +51,9 @@ def shared_teacher(tmp_path_factory, mnist_data_dir):
   return workdir
 
 
+# Slow: a float64 reference run and two float64 runs. The fused path's SIGKILL test below
+# runs by default.
+@pytest.mark.slow
 @pytest.mark.parametrize('parallel, num_devices', [('none', 0), ('pmap', 4)])
 def test_fused_calls_compute_single_steps_in_float64(parallel, num_devices, shared_teacher,
                                                      mnist_data_dir, tmp_path, monkeypatch):
@@ -80,7 +83,7 @@ def test_fused_calls_compute_single_steps_in_float64(parallel, num_devices, shar
                   stages=('generator', 'student'))
 
 
-@pytest.mark.slow  # Two float64 DAFL runs; fusing RDSKD's stages is tested above.
+@pytest.mark.slow  # Two float64 DAFL runs.
 def test_fused_dafl_computes_single_steps_in_float64(shared_teacher, mnist_data_dir, tmp_path):
   """DAFL's joint steps, 3 + 1 per stage. Float64: in float32 its generator learning rate
   of 0.2 turns the rounding of another program into a coverage entropy 0.09 apart after
