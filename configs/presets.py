@@ -30,6 +30,14 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.dfad.batch_size = 16
   c.dfad.steps = 6
   c.dfad.student_updates = 2
+  c.deepinversion.batch_size = 16
+  c.deepinversion.steps = 3       # 2 KD steps after each batch (student.steps 6).
+  c.deepinversion.iterations = 4
+  c.deepinversion.competition_weight = 1.0  # Smoke runs take every term's path.
+  c.deepinversion.l2_weight = 1e-4
+  c.zskd.batch_size = 16
+  c.zskd.steps = 3                # Then 3 steps of 2 KD steps each.
+  c.zskd.iterations = 4
   c.checkpoint_every = 4
   c.log_every = 2
   c.steps_per_call = 1  # The tests of single steps; tests/test_fused_steps.py fuses them.
@@ -49,6 +57,12 @@ def deep_cpu(c: ml_collections.ConfigDict) -> None:
   c.student.eval_every = 200
   c.dfad.batch_size = 64
   c.dfad.steps = 100
+  c.deepinversion.batch_size = 64
+  c.deepinversion.steps = 10        # 60 KD steps after each batch.
+  c.deepinversion.iterations = 100
+  c.zskd.batch_size = 64
+  c.zskd.steps = 10
+  c.zskd.iterations = 150
   c.image_every = 40
   c.checkpoint_every = 60
   c.log_every = 10
@@ -80,6 +94,7 @@ def wrn(preset: str, file: str) -> ml_collections.ConfigDict:
   c.teacher.schedule = 'cosine'
   c.teacher.max_shift = 2
   c.generator.latent_dim = 1000
+  c.deepinversion.bn_weight = 10.0  # DeepInversion's CIFAR-10 weight (configs/cifar10.py).
   c.student.model = 'wrn_16_1'
   c.eval_batch_size = 500
   if preset == 'cpu':

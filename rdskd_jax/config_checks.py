@@ -12,6 +12,7 @@ from rdskd_jax import models, parallel
 from rdskd_jax.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'sgd')
+METHODS = ('rdskd', 'dafl', 'dfad', 'deepinversion', 'zskd')
 SCHEDULES = ('constant', 'cosine', 'step')
 
 
@@ -106,8 +107,8 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
     for field in ('num_classes', 'channels'):
       _require(isinstance(config[field], int) and config[field] >= 0, field, config[field],
                "0 (the dataset's) or the dataset's value")
-  _require(config.method in ('rdskd', 'dafl', 'dfad'), 'method', config.method,
-           "'rdskd', 'dafl' or 'dfad'")
+  _require(config.method in METHODS, 'method', config.method,
+           ', '.join(map(repr, METHODS)))
   _require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
            config.generator.bn_prior_weight, 'a weight >= 0')
   _require(config.method != 'dfad' or config.generator.bn_prior_weight == 0,
@@ -126,15 +127,30 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',
                 'student.batch_size', 'student.steps', 'student.agreement_samples',
                 'diagnostic_samples', 'dafl.batch_size', 'dafl.steps', 'dfad.batch_size',
-                'dfad.steps', 'dfad.student_updates'):
+                'dfad.steps', 'dfad.student_updates', 'deepinversion.batch_size',
+                'deepinversion.steps', 'deepinversion.iterations', 'zskd.batch_size',
+                'zskd.steps', 'zskd.iterations'):
     _positive_int(config, field)
   for field in ('teacher.learning_rate', 'generator.learning_rate',
                 'student.learning_rate', 'student.temperature', 'student.epoch_length',
                 'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature',
                 'dfad.generator_learning_rate', 'dfad.student_learning_rate'):
     _positive_float(config, field)
-  for field in ('dfad.momentum', 'dfad.weight_decay'):
+  for field in ('dfad.momentum', 'dfad.weight_decay', 'deepinversion.jitter',
+                'deepinversion.class_weight', 'deepinversion.tv_weight',
+                'deepinversion.l2_weight', 'deepinversion.bn_weight',
+                'deepinversion.competition_weight'):
     _require(_get(config, field) >= 0, field, _get(config, field), 'a value >= 0')
+  for field in ('deepinversion.learning_rate', 'deepinversion.competition_temperature',
+                'zskd.learning_rate', 'zskd.temperature'):
+    _positive_float(config, field)
+  _require(len(config.zskd.betas) > 0 and all(b > 0 for b in config.zskd.betas), 'zskd.betas',
+           config.zskd.betas, 'one or more positive Dirichlet scales')
+  if config.method in ('deepinversion', 'zskd'):
+    batches = config[config.method].steps
+    _require(config.student.steps % batches == 0, 'student.steps', config.student.steps,
+             f'a multiple of {config.method}.steps={batches} (the KD steps of each of its '
+             'steps)')
   _require(config.image_size % 4 == 0, 'image_size', config.image_size,
            'a multiple of 4 (the generator upsamples twice), or 0')
   _require(len(config.mean) == len(config.std) and all(s > 0 for s in config.std),
@@ -174,6 +190,9 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
            '0 (never) or a positive step count')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
            config.teacher.max_train_examples, '0 (all) or a positive count')
+  for field in ('deepinversion.batch_size', 'zskd.batch_size'):
+    _require(_get(config, field) % num_devices == 0, field, _get(config, field),
+             f'a multiple of the {num_devices} devices')
   for stage in ('generator', 'student', 'dafl', 'dfad'):
     batch = config[stage].batch_size
     _require(batch % 2 == 0, f'{stage}.batch_size', batch,

@@ -119,8 +119,14 @@ def generator_diagnostics(generator, generator_vars, teacher, teacher_vars, late
   is given."""
   images = generated_images(generator, generator_vars, latent_dim, key, num_samples,
                             batch_size, batchnorm)
+  return image_diagnostics(images, teacher, teacher_vars, test_images)
+
+
+def image_diagnostics(images, teacher, teacher_vars, test_images=None) -> Dict[str, float]:
+  """All diagnostics on `images` (generated, or a synthesised set); the Frechet distance
+  to the real test split's features when `test_images` is given."""
   probs, features = teacher_outputs(teacher, teacher_vars, images)
-  result = {'samples': num_samples, **sample_statistics(probs, features)}
+  result = {'samples': len(images), **sample_statistics(probs, features)}
   if test_images is not None:
     _, real_features = teacher_outputs(teacher, teacher_vars, test_images)
     result['frechet_distance_to_test'] = frechet_distance(features, real_features)

@@ -84,3 +84,12 @@ def generated_agreement(generator, generator_vars, teacher, teacher_vars, studen
     total += int(agreements(generator_vars, teacher_vars, student_vars, z, generator=generator,
                             teacher=teacher, student=student, batchnorm=batchnorm))
   return total / (num_samples // batch_size * batch_size)
+
+
+def image_agreement(teacher, teacher_vars, student, student_vars, images,
+                    batch_size: int = 512) -> float:
+  """Share of `images` on which student and teacher agree (top-1): for methods without a
+  generator, on their synthesised set."""
+  t = in_batches(lambda x: predict(teacher, teacher_vars, x), images, batch_size)
+  s = in_batches(lambda x: predict(student, student_vars, x), images, batch_size)
+  return float(np.mean(t == s))

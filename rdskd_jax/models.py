@@ -10,6 +10,7 @@ register themselves with `register_classifier`.
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -418,3 +419,13 @@ class Generator(nn.Module):
                   kernel_init=torch_kernel_init, bias_init=torch_bias_init(9 * x.shape[-1]))(x)
     x = jnp.tanh(x)
     return norm(1e-5, affine=False)(x).astype(output_dtype(z, self.dtype))
+
+
+def final_kernel(params, num_classes: int):
+  """The weights (features, classes) of a classifier's final layer: the last Dense kernel
+  (in the order the module creates its layers) with one column per class."""
+  kernels = [v for path, v in traverse_util.flatten_dict(params).items()
+             if path[-1] == 'kernel' and v.ndim == 2 and v.shape[-1] == num_classes]
+  if not kernels:
+    raise ValueError(f'no Dense kernel with {num_classes} outputs among the parameters')
+  return kernels[-1]

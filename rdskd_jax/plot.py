@@ -32,6 +32,13 @@ def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_
   """
   images = diagnostics.generated_images(generator, generator_vars, latent_dim, key,
                                         num_samples, **evaluation.sampling(config))
+  save_class_grid(path, images, teacher, teacher_vars, config, per_class,
+                  'generated samples by teacher class (share of samples)')
+
+
+def save_class_grid(path, images, teacher, teacher_vars, config, per_class: int = 8,
+                    title: str = 'synthesised images by teacher class (share of images)'):
+  """One row per class of `images` the teacher assigns to it, most confident first."""
   logits, _ = teacher.apply(teacher_vars, images, train=False)
   probs = np.asarray(jax.nn.softmax(logits))
   predicted = probs.argmax(-1)
@@ -52,7 +59,7 @@ def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_
                   vmin=0, vmax=1)
       if j == 0:
         ax.set_ylabel(f'{c} ({np.mean(predicted == c):.0%})', fontsize=7)
-  fig.suptitle('generated samples by teacher class (share of samples)', fontsize=8)
+  fig.suptitle(title, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
@@ -74,7 +81,7 @@ def sample_grid(images, config, columns: int = 8) -> np.ndarray:
 
 # Generator losses of metrics.jsonl, in plotting order.
 _GENERATOR_CURVES = ('one_hot', 'information_entropy', 'diversity', 'activation', 'bn_prior',
-                     'total', 'generator_l1')
+                     'total', 'generator_l1', 'class', 'tv', 'competition', 'impression')
 
 
 def save_curves(workdir: str, path: str = '') -> str:
@@ -87,13 +94,15 @@ def save_curves(workdir: str, path: str = '') -> str:
             if os.path.exists(report_path) else {})
   by_stage = lambda stage: [r for r in rows if r['stage'] == stage]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-  joint = by_stage('dafl') or by_stage('dfad')  # Methods with one joint stage.
+  # Methods with one stage for both: DAFL, DFAD; DeepInversion's and ZSKD's synthesis.
+  synthesis = by_stage('deepinversion') or by_stage('zskd')
+  joint = by_stage('dafl') or by_stage('dfad') or synthesis
   generator = by_stage('generator') or joint
   for name in _GENERATOR_CURVES:
     points = [(r['step'], r[name]) for r in generator if name in r]
     if points:
       axes[0].plot(*zip(*points), label=name)
-  axes[0].set_title('generator losses')
+  axes[0].set_title('synthesis losses' if synthesis else 'generator losses')
   axes[0].set_yscale('symlog', linthresh=1e-2)
   student = by_stage('student') or joint
   loss = 'student_l1' if student and 'student_l1' in student[0] else 'kd'  # DFAD: L1.
@@ -103,8 +112,10 @@ def save_curves(workdir: str, path: str = '') -> str:
   axes[1].set_title('student L1 loss' if loss == 'student_l1' else 'student KD loss')
   accuracy = [(r['step'], r['test_accuracy']) for r in student if 'test_accuracy' in r]
   final = report.get('student', {})
-  if 'test_accuracy' in final and (not accuracy or accuracy[-1][0] != final['steps']):
-    accuracy.append((final['steps'], final['test_accuracy']))
+  # Synthesis methods log their stage's steps; their reports count KD steps.
+  last = student[-1]['step'] if synthesis else final.get('steps')
+  if 'test_accuracy' in final and (not accuracy or accuracy[-1][0] != last):
+    accuracy.append((last, final['test_accuracy']))
   if accuracy:
     axes[2].plot(*zip(*accuracy), marker='o')
   teacher = report.get('teacher', {}).get('test_accuracy')
@@ -218,9 +229,12 @@ def main(argv=None) -> int:
     print(f'samples.png not refreshed: {e}', file=sys.stderr)
     return 1
   path = os.path.join(args.workdir, 'samples.png')
-  save_samples(path, run.generator, run.generator_vars, run.teacher, run.teacher_vars,
-               run.config.generator.latent_dim, run.config,
-               stages.samples_key(run.config))
+  if run.generator is None:  # A synthesised set: its latest images, as the run draws them.
+    save_class_grid(path, run.images[-512:], run.teacher, run.teacher_vars, run.config)
+  else:
+    save_samples(path, run.generator, run.generator_vars, run.teacher, run.teacher_vars,
+                 run.config.generator.latent_dim, run.config,
+                 stages.samples_key(run.config))
   print(path)
   return 0
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rdskd_jax import config_checks, data, models, train_steps
+from rdskd_jax import config_checks, data, losses, models, train_steps
 from rdskd_jax.errors import ConfigError
 
 
@@ -21,9 +21,13 @@ from rdskd_jax.errors import ConfigError
 # streams of one run share a key, and none equals a stream of another seed.
 STAGE_KEYS = {'teacher': 0, 'generator': 1, 'student': 2, 'samples': 3, 'fidelity': 4,
               'diagnostics': 5, 'dafl': 6,
-              'teacher_init': 7, 'generator_init': 8, 'student_init': 9, 'dfad': 10}
+              'teacher_init': 7, 'generator_init': 8, 'student_init': 9, 'dfad': 10,
+              'deepinversion': 11, 'zskd': 12}
 # Methods that train generator and student together, in one stage named after the method.
 JOINT_METHODS = ('dafl', 'dfad')
+# Methods without a generator: inputs are optimised into a synthesised set, kept in the
+# stage's state (its 'bank'), on which the student trains; one stage named after the method.
+SYNTHESIS_METHODS = ('deepinversion', 'zskd')
 
 
 def stage_key(config, stage: str):
@@ -148,6 +152,54 @@ def joint_setup(config, channels: int, generator, teacher, student):
   """The initial state and step of a method in JOINT_METHODS."""
   setup = {'dafl': dafl_setup, 'dfad': dfad_setup}[config.method]
   return setup(config, channels, generator, teacher, student)
+
+
+def synthesis_steps(config) -> int:
+  """The steps of a synthesis method's stage: DeepInversion's synthesise and distil in
+  each step; ZSKD's first synthesise every batch, then distil."""
+  batches = config[config.method].steps
+  return 2 * batches if config.method == 'zskd' else batches
+
+
+def synthesis_frozen(config, teacher_vars, num_classes: int):
+  """The frozen inputs of a synthesis method's step: the teacher, and for ZSKD its class
+  similarity matrix (from the final layer's weights)."""
+  frozen = {'teacher': teacher_vars}
+  if config.method == 'zskd':
+    kernel = models.final_kernel(teacher_vars['params'], num_classes)
+    frozen['similarity'] = losses.class_similarity(jnp.asarray(kernel, jnp.float32))
+  return frozen
+
+
+def synthesis_setup(config, channels: int, num_classes: int, teacher, student):
+  """The initial state of a method in SYNTHESIS_METHODS (an empty image bank for all its
+  batches, the student's train state) and its step."""
+  mcfg, scfg = config[config.method], config.student
+  updates = scfg.steps // mcfg.steps
+  params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
+                                        (config.image_size, config.image_size, channels))
+  tx = train_steps.optimizer(scfg, scfg.steps, scfg.epoch_length)
+  shape = (mcfg.batch_size, config.image_size, config.image_size, channels)
+  dtype = jnp.promote_types(jnp.float32, models.DTYPES[config.dtype])
+  state = {'step': jnp.int32(0),
+           'bank': jnp.zeros((mcfg.steps * mcfg.batch_size, *shape[1:]), dtype),
+           'student': train_steps.new_train_state(params, tx, **collections),
+           'nonfinite': {'total': jnp.int32(0), 'streak': jnp.int32(0)}}
+  kd = dict(teacher=teacher, student=student, tx_student=tx, shape=shape,
+            student_updates=updates, student_batch_size=scfg.batch_size,
+            temperature=scfg.temperature)
+  if config.method == 'zskd':
+    synthesis = {k: mcfg[k] for k in ('iterations', 'learning_rate', 'temperature')}
+    step_fn = functools.partial(
+        train_steps.zskd_step, batches=mcfg.steps,
+        synthesis=dict(synthesis, betas=tuple(mcfg.betas), dtype=dtype), **kd)
+    return state, step_fn
+  synthesis = {k: mcfg[k] for k in ('iterations', 'learning_rate', 'jitter', 'class_weight',
+                                    'tv_weight', 'l2_weight', 'bn_weight',
+                                    'competition_weight', 'competition_temperature')}
+  step_fn = functools.partial(train_steps.deepinversion_step, num_classes=num_classes,
+                              synthesis=dict(synthesis, dtype=dtype), **kd)
+  return state, step_fn
 
 
 def student_setup(config, channels: int, generator, teacher, student):

@@ -236,6 +236,9 @@ def run_cost(config, seconds: float, whose: str) -> Dict[str, Any]:
     student = generator * config.dfad.student_updates
   elif config.method == 'dafl':
     generator = student = config.dafl.steps * config.dafl.batch_size
+  elif config.method in stages.SYNTHESIS_METHODS:  # Images synthesised; the KD batches.
+    generator = config[config.method].steps * config[config.method].batch_size
+    student = config.student.steps * config.student.batch_size
   else:
     generator = config.generator.steps * config.generator.batch_size
     student = config.student.steps * config.student.batch_size
@@ -303,6 +306,9 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
 def _sweep(config, workdir, seeds, grid_text, vmap):
   """sweep's work, with the sweep's workdir locked."""
   grid = parse_grid(grid_text)
+  if vmap and config.method in stages.SYNTHESIS_METHODS:
+    raise ConfigError(f'config.method={config.method!r} with --vmap: expected --novmap (its '
+                      'runs are run one by one; vmapped groups are for generator methods)')
   config = copy.deepcopy(config)
   config.parallel = 'none'  # One device; the runs themselves are the batch axis.
   runs = run_configs(config, seeds, grid)
@@ -348,8 +354,9 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
       run_dir = os.path.join(workdir, 'runs', str(i))
       report = (finished_report(run, run_dir, fingerprint)
                 or train.train_and_evaluate(run, run_dir))
+      one_stage = stages.JOINT_METHODS + stages.SYNTHESIS_METHODS
       seconds[f'run{i}'] = ({run.method: report[run.method]['seconds']}
-                            if run.method in stages.JOINT_METHODS else
+                            if run.method in one_stage else
                             {k: report[k]['seconds'] for k in ('generator', 'student')})
       results[i] = {'test_accuracy': report['student']['test_accuracy'],
                     'generated_agreement': report['student']['generated_agreement'],

@@ -14,6 +14,7 @@ import time
 from typing import Any, Dict
 
 import jax
+import numpy as np
 
 from rdskd_jax import (config_checks, data, diagnostics, evaluation, metrics, parallel, plot,
                        runner, stages, teacher as teacher_lib, train_steps,
@@ -154,10 +155,12 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
   t0 = time.perf_counter()
   teacher_vars, teacher_report = teacher_variables(config, workdir, par, teacher, log,
                                                    channels, given_teacher)
-  if config.generator.bn_prior_weight > 0 and 'batch_stats' not in teacher_vars:
-    raise ConfigError(
-        f'config.generator.bn_prior_weight={config.generator.bn_prior_weight}: expected 0 for '
-        f'teacher {config.teacher.model!r}, which has no BatchNorm statistics to match')
+  for field in ('generator.bn_prior_weight', 'deepinversion.bn_weight'):
+    section, name = field.split('.')
+    if config[section][name] > 0 and 'batch_stats' not in teacher_vars:
+      raise ConfigError(
+          f'config.{field}={config[section][name]}: expected 0 for teacher '
+          f'{config.teacher.model!r}, which has no BatchNorm statistics to match')
   teacher_report['fingerprint'] = teacher_lib.fingerprint(teacher_vars)
   saved = report.content.get('teacher', {}).get('fingerprint')
   if saved and saved != teacher_report['fingerprint']:
@@ -195,63 +198,109 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
                             report_fn=report_fn)
 
   frozen = {'teacher': teacher_vars}
-  joint = config.method in stages.JOINT_METHODS
-  if joint:
-    state, step_fn = stages.joint_setup(config, channels, generator, teacher, student)
-    state, seconds = stage(
-        config.method, state, frozen, step_fn, config[config.method].steps, lambda s: {
-            **watch_generator(s['generator']), **student_accuracy(s['student'])},
-        config.student.eval_every)
-    stage_seconds += seconds
-    gen_vars, student_vars = (train_steps.variables_of(state['generator']),
-                              train_steps.variables_of(state['student']))
-    student_steps = config[config.method].steps
-    student_seconds = report.total_seconds(config.method, seconds)
-    report.add(config.method, {'steps': student_steps, 'seconds': student_seconds})
-    report.add('generator', {'steps': student_steps, 'seconds': student_seconds,
-                             'trained_with': 'student'})
+  if config.method in stages.SYNTHESIS_METHODS:
+    stage_seconds += _synthesis_method(config, workdir, report, log, stage, frozen,
+                                       channels, num_classes, teacher, student,
+                                       test_images, student_accuracy, test_accuracy)
   else:
-    state, step_fn = stages.generator_setup(config, generator, teacher)
-    state, seconds = stage('generator', state, frozen, step_fn, gcfg.steps, watch_generator,
-                           config.image_every)
-    stage_seconds += seconds
-    gen_vars = train_steps.variables_of(state)
-    report.add('generator', {'steps': gcfg.steps,
-                             'seconds': report.total_seconds('generator', seconds)})
-  if 'diagnostics' not in report.content:  # Once per trained generator; reporting only.
-    values = diagnostics.generator_diagnostics(
-        generator, gen_vars, teacher, teacher_vars, gcfg.latent_dim, watch_key,
-        config.diagnostic_samples, test_images=test_images, **evaluation.sampling(config))
-    log.write('diagnostics', report.content['generator']['steps'], values)
-    log.flush()
-    report.add('diagnostics', values)
-    metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
-  if not joint:
-    state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
-    state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
-                           config.student.steps, student_accuracy, config.student.eval_every)
-    stage_seconds += seconds
-    student_vars = train_steps.variables_of(state)
-    student_steps = config.student.steps
-    student_seconds = report.total_seconds('student', seconds)
+    joint = config.method in stages.JOINT_METHODS
+    if joint:
+      state, step_fn = stages.joint_setup(config, channels, generator, teacher, student)
+      state, seconds = stage(
+          config.method, state, frozen, step_fn, config[config.method].steps, lambda s: {
+              **watch_generator(s['generator']), **student_accuracy(s['student'])},
+          config.student.eval_every)
+      stage_seconds += seconds
+      gen_vars, student_vars = (train_steps.variables_of(state['generator']),
+                                train_steps.variables_of(state['student']))
+      student_steps = config[config.method].steps
+      student_seconds = report.total_seconds(config.method, seconds)
+      report.add(config.method, {'steps': student_steps, 'seconds': student_seconds})
+      report.add('generator', {'steps': student_steps, 'seconds': student_seconds,
+                               'trained_with': 'student'})
+    else:
+      state, step_fn = stages.generator_setup(config, generator, teacher)
+      state, seconds = stage('generator', state, frozen, step_fn, gcfg.steps, watch_generator,
+                             config.image_every)
+      stage_seconds += seconds
+      gen_vars = train_steps.variables_of(state)
+      report.add('generator', {'steps': gcfg.steps,
+                               'seconds': report.total_seconds('generator', seconds)})
+    if 'diagnostics' not in report.content:  # Once per trained generator; reporting only.
+      values = diagnostics.generator_diagnostics(
+          generator, gen_vars, teacher, teacher_vars, gcfg.latent_dim, watch_key,
+          config.diagnostic_samples, test_images=test_images, **evaluation.sampling(config))
+      log.write('diagnostics', report.content['generator']['steps'], values)
+      log.flush()
+      report.add('diagnostics', values)
+      metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
+    if not joint:
+      state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
+      state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
+                             config.student.steps, student_accuracy, config.student.eval_every)
+      stage_seconds += seconds
+      student_vars = train_steps.variables_of(state)
+      student_steps = config.student.steps
+      student_seconds = report.total_seconds('student', seconds)
 
-  agreement = evaluation.generated_agreement(
-      generator, gen_vars, teacher, teacher_vars, student, student_vars, gcfg.latent_dim,
-      stages.stage_key(config, 'fidelity'), num_samples=config.student.agreement_samples,
-      **evaluation.sampling(config))
-  accuracy = test_accuracy(student, student_vars)
-  report.add('student', {'steps': student_steps, **accuracy,
-                         'generated_agreement': agreement, 'seconds': student_seconds})
-  metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
-              f'[student] agreement with the teacher on generated samples {agreement:.4f}')
+    agreement = evaluation.generated_agreement(
+        generator, gen_vars, teacher, teacher_vars, student, student_vars, gcfg.latent_dim,
+        stages.stage_key(config, 'fidelity'), num_samples=config.student.agreement_samples,
+        **evaluation.sampling(config))
+    accuracy = test_accuracy(student, student_vars)
+    report.add('student', {'steps': student_steps, **accuracy,
+                           'generated_agreement': agreement, 'seconds': student_seconds})
+    metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
+                f'[student] agreement with the teacher on generated samples {agreement:.4f}')
 
-  if parallel.is_main_process():
-    plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
-                      teacher_vars, gcfg.latent_dim, config, stages.samples_key(config))
-    plot.save_curves(workdir)
+    if parallel.is_main_process():
+      plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
+                        teacher_vars, gcfg.latent_dim, config, stages.samples_key(config))
+      plot.save_curves(workdir)
   # This call alone (a resumed run times its own part): the time outside the stages' loops
   # is set-up, evaluation, the reporting callbacks, diagnostics, agreement and figures.
   wall = time.perf_counter() - t_call
   report.add('timing', {'call_seconds': wall, 'stage_loop_seconds': stage_seconds,
                         'outside_stage_loops_seconds': wall - stage_seconds})
   return report.content
+
+
+def _synthesis_method(config, workdir, report, log, stage, frozen, channels, num_classes,
+                      teacher, student, test_images, student_accuracy, test_accuracy):
+  """A method without a generator (stages.SYNTHESIS_METHODS): its one stage synthesises
+  the image set and trains the student on it; the diagnostics, the agreement and
+  samples.png are measured on the synthesised set. Returns the stage's loop seconds."""
+  mcfg, scfg = config[config.method], config.student
+  updates = scfg.steps // mcfg.steps
+  state, step_fn = stages.synthesis_setup(config, channels, num_classes, teacher, student)
+  frozen = stages.synthesis_frozen(config, frozen['teacher'], num_classes)
+  # student.eval_every counts KD steps; the stage's steps each take `updates` of them.
+  every = -(-scfg.eval_every // updates) if scfg.eval_every else 0
+  state, seconds = stage(config.method, state, frozen, step_fn, stages.synthesis_steps(config),
+                         lambda s: student_accuracy(s['student']), every)
+  bank = np.asarray(state['bank'])
+  teacher_vars = frozen['teacher']
+  student_vars = train_steps.variables_of(state['student'])
+  total = report.total_seconds(config.method, seconds)
+  report.add(config.method, {'steps': stages.synthesis_steps(config), 'images': len(bank),
+                             'seconds': total})
+  if 'diagnostics' not in report.content:  # Reporting only.
+    values = diagnostics.image_diagnostics(bank[:config.diagnostic_samples], teacher,
+                                           teacher_vars, test_images)
+    log.write('diagnostics', stages.synthesis_steps(config), values)
+    log.flush()
+    report.add('diagnostics', values)
+    metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
+  agreement = evaluation.image_agreement(teacher, teacher_vars, student, student_vars,
+                                         bank[:scfg.agreement_samples])
+  accuracy = test_accuracy(student, student_vars)
+  report.add('student', {'steps': scfg.steps, **accuracy, 'generated_agreement': agreement,
+                         'agreement_on': 'the synthesised set, which the student trained on',
+                         'seconds': total})
+  metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
+              f'[student] agreement with the teacher on the synthesised set {agreement:.4f}')
+  if parallel.is_main_process():
+    plot.save_class_grid(os.path.join(workdir, 'samples.png'), bank[-512:], teacher,
+                         teacher_vars, config)
+    plot.save_curves(workdir)
+  return seconds

@@ -348,6 +348,240 @@ def dfad_step(state, frozen, root_key, *, generator, teacher, student, tx_genera
           {'student_l1': student_losses[-1], 'generator_l1': discrepancy})
 
 
+def _global_slice(x, axis_name):
+  """This device's rows of a global batch `x` drawn alike on every device."""
+  if axis_name is None:
+    return x
+  per = x.shape[0] // jax.lax.axis_size(axis_name)
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * per, per)
+
+
+def _gather_rows(local, axis_name):
+  """The global batch of every device's rows `local`, the same on every device. A psum of
+  zero-padded shares (exact: each row is added to zeros) rather than all_gather, whose
+  result shard_map does not take as replicated."""
+  if axis_name is None:
+    return local
+  n, i = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+  placed = jnp.zeros((local.shape[0] * n, *local.shape[1:]), local.dtype)
+  return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(placed, local, i * local.shape[0], 0),
+                      axis_name)
+
+
+def _differentiated_once(loss_fn, axis_name):
+  """`loss_fn` (a global loss, the same on every device; (loss, aux)) as the objective
+  whose gradient with respect to each device's own inputs is its rows of the one-device
+  gradient. pmap and shard_map both differentiate the sum over devices of each device's
+  output, and with plain collectives the replicated loss counts once per device under
+  pmap (N times the gradient) and once under shard_map; counted on device 0 alone, it
+  is once under both. Not for replicated parameters: their gradients are averaged over
+  devices (apply_gradients).
+  """
+  if axis_name is None:
+    return loss_fn
+
+  def once(*args):
+    loss, aux = loss_fn(*args)
+    return jnp.where(jax.lax.axis_index(axis_name) == 0, loss, 0.0), aux
+  return once
+
+
+def optimise_inputs(inputs, loss_fn, *, iterations, learning_rate, axis_name):
+  """`iterations` Adam steps on `inputs` (this device's rows of a global batch) of
+  `loss_fn(inputs, iteration) -> (global loss, metrics)`, the networks frozen. Returns
+  the inputs at the iteration of the lowest loss (before that iteration's update, as
+  DeepInversion's authors keep them; a non-finite loss is never kept) and the metrics
+  of the last iteration, with the lowest loss as `best_total`."""
+  tx = optax.adam(learning_rate)
+
+  def objective(images, iteration):
+    total, parts = loss_fn(images, iteration)
+    return total, (total, parts)
+
+  def body(carry, iteration):
+    images, opt_state, best, best_loss = carry
+    (_, (total, parts)), grads = jax.value_and_grad(
+        _differentiated_once(objective, axis_name), has_aux=True)(images, iteration)
+    better = total < best_loss
+    best = jnp.where(better, images, best)
+    best_loss = jnp.where(better, total, best_loss)
+    updates, opt_state = tx.update(grads, opt_state, images)
+    return (optax.apply_updates(images, updates), opt_state, best, best_loss), \
+        dict(parts, total=total)
+
+  carry = (inputs, tx.init(inputs), inputs, jnp.asarray(jnp.inf, inputs.dtype))
+  (_, _, best, best_loss), parts = jax.lax.scan(body, carry, jnp.arange(iterations))
+  return best, dict(jax.tree.map(lambda m: m[-1], parts), best_total=best_loss)
+
+
+def synthesize_batch(key, teacher, teacher_vars, student, student_vars, *, shape, num_classes,
+                     iterations, learning_rate, jitter, class_weight, tv_weight, l2_weight,
+                     bn_weight, competition_weight, competition_temperature, dtype, axis_name):
+  """DeepInversion's synthesis of one batch (Yin et al., CVPR 2020, Eq. 8 with ADI's
+  competition; the authors' cifar10/deepinversion_cifar10.py, `get_images`): inputs drawn
+  from N(0, 1), labels 0, 1, ..., C-1, 0, 1, ... along the batch, then `iterations` Adam
+  steps on the inputs (`optimise_inputs`; both networks in inference mode), each on the
+  batch rolled by offsets drawn uniformly from [-jitter, jitter] along height and width,
+  of
+
+    class_weight CE(teacher(x'), y) + tv_weight R_TV(x') + l2_weight ||x'||
+      + bn_weight R_BN(x') + competition_weight (1 - JS(student(x'), teacher(x'))),
+
+  x' the rolled batch, every term over the global batch. Returns this device's rows of
+  the best inputs and the metrics.
+  """
+  batch = shape[0]
+  labels = _global_slice(jnp.arange(batch) % num_classes, axis_name)
+  x = _global_slice(jax.random.normal(jax.random.fold_in(key, 0), shape, dtype), axis_name)
+
+  def loss_fn(images, iteration):
+    shift = jax.random.randint(jax.random.fold_in(key, iteration + 1), (2,), -jitter,
+                               jitter + 1)
+    rolled = jnp.roll(images, (shift[0], shift[1]), axis=(1, 2))
+    logits, _, bn = teacher_forward(teacher, teacher_vars, rolled, bn_prior=bn_weight > 0,
+                                    axis_name=axis_name)
+    parts = {'class': losses.cross_entropy_loss(logits, labels, axis_name=axis_name),
+             'tv': losses.total_variation(rolled, axis_name=axis_name),
+             'l2': losses.image_l2(rolled, axis_name=axis_name), 'bn_prior': bn}
+    total = (class_weight * parts['class'] + tv_weight * parts['tv']
+             + l2_weight * parts['l2'] + bn_weight * bn)
+    if competition_weight > 0:
+      student_logits, _ = student.apply(student_vars, rolled, train=False)
+      parts['competition'] = losses.competition_loss(
+          student_logits, jax.lax.stop_gradient(logits), competition_temperature,
+          axis_name=axis_name)
+      total = total + competition_weight * parts['competition']
+    return total, parts
+
+  return optimise_inputs(x, loss_fn, iterations=iterations, learning_rate=learning_rate,
+                         axis_name=axis_name)
+
+
+def data_impressions(key, teacher, teacher_vars, similarity, batch_index, *, shape,
+                     iterations, learning_rate, temperature, betas, dtype, axis_name):
+  """ZSKD's data impressions of one batch (Nayak et al., ICML 2019, Sec. 3.2; Algorithm
+  1): the batch's class k and Dirichlet scale beta follow the batch index (the classes in
+  turn, then the next scale), each row's soft target y is drawn from
+  Dir(losses.dirichlet_concentration(C[k], beta)), C the teacher's class similarity, and
+  inputs drawn from N(0, 1) take `iterations` Adam steps (`optimise_inputs`) on
+  losses.soft_target_cross_entropy(teacher(x), y, temperature), the teacher in inference
+  mode. Returns this device's rows of the best inputs and the metrics."""
+  num_classes = similarity.shape[0]
+  k = batch_index % num_classes
+  beta = jnp.asarray(betas, jnp.float32)[(batch_index // num_classes) % len(betas)]
+  concentration = losses.dirichlet_concentration(similarity[k], beta)
+  targets = _global_slice(jax.random.dirichlet(jax.random.fold_in(key, 1), concentration,
+                                               (shape[0],)), axis_name)
+  x = _global_slice(jax.random.normal(jax.random.fold_in(key, 0), shape, dtype), axis_name)
+
+  def loss_fn(images, iteration):
+    del iteration
+    logits, _ = teacher.apply(teacher_vars, images, train=False)
+    loss = losses.soft_target_cross_entropy(logits, targets, temperature, axis_name=axis_name)
+    return loss, {'impression': loss}
+
+  return optimise_inputs(x, loss_fn, iterations=iterations, learning_rate=learning_rate,
+                         axis_name=axis_name)
+
+
+def _store_batch(bank, rows, index, axis_name):
+  """The bank with every device's `rows` stored as its batch `index`, and whether they
+  were finite (else the bank is unchanged: those rows stay zeros)."""
+  rows = _gather_rows(rows, axis_name)
+  finite = _all_finite(rows)
+  stored = jax.lax.dynamic_update_slice_in_dim(bank, rows.astype(bank.dtype),
+                                               index * rows.shape[0], 0)
+  return jnp.where(finite, stored, bank), finite
+
+
+def _distil_on_bank(s_state, key, bank, filled, *, teacher, teacher_vars, student, tx_student,
+                    updates, batch_size, temperature, axis_name):
+  """`updates` KD steps of the student, each on a batch drawn uniformly from the first
+  `filled` rows of the bank, the frozen teacher's logits on it as targets. Returns the
+  student's state and the last KD loss."""
+  def update(s_state, k):
+    take = jax.random.randint(jax.random.fold_in(key, k), (batch_size,), 0, filled)
+    images = _global_slice(bank[take], axis_name)
+    teacher_logits, _ = teacher.apply(teacher_vars, images, train=False)
+
+    def loss_fn(params):
+      (student_logits, _), new_parts = train_forward(student, s_state, params, images)
+      return losses.kd_loss(student_logits, teacher_logits, temperature,
+                            axis_name=axis_name), new_parts
+
+    (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        _in_compute_precision(s_state['params'], student.dtype))
+    return apply_gradients(s_state, grads, tx_student, axis_name, loss, **new_parts), loss
+
+  s_state, kd = jax.lax.scan(update, s_state, jnp.arange(updates))
+  return s_state, kd[-1]
+
+
+def _synthesis_state(state, bank, s_state, finite):
+  """A synthesis method's next state; a batch that was not finite counts as a bad step."""
+  bad, missed = s_state['nonfinite'], jnp.where(finite, 0, 1).astype(jnp.int32)
+  return {'step': state['step'] + 1, 'bank': bank, 'student': s_state,
+          'nonfinite': {'total': bad['total'] + missed, 'streak': bad['streak'] + missed}}
+
+
+def deepinversion_step(state, frozen, root_key, *, teacher, student, tx_student, shape,
+                       num_classes, synthesis, student_updates, student_batch_size,
+                       temperature, axis_name):
+  """One step of DeepInversion's distillation: synthesise a batch (`synthesize_batch`,
+  against the current student when the competition term is weighted), store it in the
+  image bank at the next free rows, then `student_updates` KD steps of the student on
+  batches drawn uniformly from the rows filled so far (as zju-vipa/DataFree's
+  DeepInvSynthesizer trains its student from its pool as it grows).
+  """
+  key = jax.random.fold_in(root_key, state['step'])
+  student = student.clone(axis_name=axis_name)
+  best, parts = synthesize_batch(
+      jax.random.fold_in(key, 0), teacher, frozen['teacher'], student,
+      jax.lax.stop_gradient(variables_of(state['student'])), shape=shape,
+      num_classes=num_classes, axis_name=axis_name, **synthesis)
+  bank, finite = _store_batch(state['bank'], best, state['step'], axis_name)
+  s_state, kd = _distil_on_bank(
+      state['student'], jax.random.fold_in(key, 1), bank, (state['step'] + 1) * shape[0],
+      teacher=teacher, teacher_vars=frozen['teacher'], student=student,
+      tx_student=tx_student, updates=student_updates, batch_size=student_batch_size,
+      temperature=temperature, axis_name=axis_name)
+  return _synthesis_state(state, bank, s_state, finite), dict(parts, kd=kd)
+
+
+def zskd_step(state, frozen, root_key, *, teacher, student, tx_student, shape, batches,
+              synthesis, student_updates, student_batch_size, temperature, axis_name):
+  """One step of ZSKD (Nayak et al. 2019): the first `batches` steps each make one batch
+  of data impressions (`data_impressions`) and store it in the bank; each later step
+  takes `student_updates` KD steps of the student on batches drawn uniformly from the
+  whole set, which is complete by then, as the paper distils after synthesising. The
+  step index picks the branch (lax.cond), so every step is one program; the metrics of
+  the branch not taken are 0.
+  """
+  key = jax.random.fold_in(root_key, state['step'])
+  student = student.clone(axis_name=axis_name)
+  empty = {'impression': jnp.zeros((), jnp.float32), 'best_total': jnp.zeros((), jnp.float32),
+           'total': jnp.zeros((), jnp.float32), 'kd': jnp.zeros((), jnp.float32)}
+
+  def synthesise(state):
+    best, parts = data_impressions(jax.random.fold_in(key, 0), teacher, frozen['teacher'],
+                                   frozen['similarity'], state['step'], shape=shape,
+                                   axis_name=axis_name, **synthesis)
+    bank, finite = _store_batch(state['bank'], best, state['step'], axis_name)
+    metrics = jax.tree.map(lambda a, b: a.astype(b.dtype), dict(empty, **parts), empty)
+    return _synthesis_state(state, bank, state['student'], finite), metrics
+
+  def distil(state):
+    s_state, kd = _distil_on_bank(
+        state['student'], jax.random.fold_in(key, 1), state['bank'], batches * shape[0],
+        teacher=teacher, teacher_vars=frozen['teacher'], student=student,
+        tx_student=tx_student, updates=student_updates, batch_size=student_batch_size,
+        temperature=temperature, axis_name=axis_name)
+    return (_synthesis_state(state, state['bank'], s_state, True),
+            dict(empty, kd=kd.astype(jnp.float32)))
+
+  return jax.lax.cond(state['step'] < batches, synthesise, distil, state)
+
+
 def optimizer(cfg, steps: int, steps_per_epoch: int):
   """The optax optimizer of a stage's config: Adam or SGD with momentum, an optional L2
   term added to the gradient (PyTorch's weight_decay) and a learning-rate schedule over

@@ -180,7 +180,7 @@ def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
   # A method's own block (config.dafl, config.dfad) changes nothing in another method's
   # run, and a block added later is absent from older saved configs.
-  unused = {m for m in stages.JOINT_METHODS if config.method != m}
+  unused = {m for m in stages.JOINT_METHODS + stages.SYNTHESIS_METHODS if config.method != m}
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if k not in RESUMABLE_FIELDS and k.split('.')[0] not in unused
           and old.get(k) != new.get(k)}
@@ -282,12 +282,14 @@ class Run(NamedTuple):
   generator_vars: Any
   student: Any
   student_vars: Any  # None until the student stage has a checkpoint.
+  images: Any = None  # A method without a generator: its synthesised set (generator None).
 
 
 def load_run(workdir: str, teacher=None) -> Run:
   """The config (as run) and the trained networks of a workdir, from report.json and the
   latest checkpoints; for plots and notebooks. Raises RunStopped when the run has not
-  got as far as a generator checkpoint.
+  got as far as a generator checkpoint (for a method without a generator, its stage's
+  first checkpoint; its Run holds the images synthesised by then).
 
   `teacher`: (module, variables), the Flax teacher a run was given from Python
   (`train.train_and_evaluate(..., teacher=...)`); such a run saved no teacher, and the
@@ -324,6 +326,15 @@ def load_run(workdir: str, teacher=None) -> Run:
     step = manager.latest_step()
     return None if step is None else restore_like(manager, step, template)
 
+  if config.method in stages.SYNTHESIS_METHODS:
+    state = latest(config.method, stages.synthesis_setup(
+        config, fields['channels'], fields['num_classes'], teacher, student)[0])
+    if state is None:
+      raise RunStopped(f'{workdir!r} has no {config.method} checkpoint yet')
+    mcfg = config[config.method]
+    filled = min(int(state['step']), mcfg.steps) * mcfg.batch_size
+    return Run(config, teacher, teacher_vars, None, None, student,
+               train_steps.variables_of(state['student']), np.asarray(state['bank'][:filled]))
   if config.method in stages.JOINT_METHODS:
     joint = latest(config.method, stages.joint_setup(config, fields['channels'], generator,
                                                      teacher, student)[0])

@@ -42,7 +42,10 @@ def test_unknown_preset():
     ('student.model', 'resnet', "config.student.model='resnet': expected one of lenet5"),
     ('student.generator_batchnorm', 'eval',
      "config.student.generator_batchnorm='eval': expected 'running' or 'batch'"),
-    ('method', 'zskd', "config.method='zskd': expected 'rdskd', 'dafl' or 'dfad'"),
+    ('method', 'mskd',
+     "config.method='mskd': expected 'rdskd', 'dafl', 'dfad', 'deepinversion', 'zskd'"),
+    ('deepinversion.jitter', -1, 'config.deepinversion.jitter=-1: expected a value >= 0'),
+    ('zskd.betas', (), 'config.zskd.betas=.*: expected one or more positive Dirichlet'),
     ('dfad.student_updates', 0, 'config.dfad.student_updates=0: expected a positive integer'),
     ('dfad.weight_decay', -1e-4, 'config.dfad.weight_decay=-0.0001: expected a value >= 0'),
 ])
