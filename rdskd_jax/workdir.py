@@ -178,7 +178,7 @@ def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   """{field: (saved value, new value)} of the fields that change a run's results."""
   old = traverse_util.flatten_dict(with_fields_added_later(saved), sep='.')
   new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
-  # A method's own block (config.dafl, config.dfad) changes nothing in another method's
+  # A method's own block (config.dafl, config.zskd, ...) changes nothing in another method's
   # run, and a block added later is absent from older saved configs.
   unused = {m for m in stages.JOINT_METHODS + stages.SYNTHESIS_METHODS if config.method != m}
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
