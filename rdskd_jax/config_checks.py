@@ -190,7 +190,8 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
            '0 (never) or a positive step count')
   _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
            config.teacher.max_train_examples, '0 (all) or a positive count')
-  for field in ('deepinversion.batch_size', 'zskd.batch_size'):
+  if config.method in ('deepinversion', 'zskd'):  # Only the method that runs is split.
+    field = f'{config.method}.batch_size'
     _require(_get(config, field) % num_devices == 0, field, _get(config, field),
              f'a multiple of the {num_devices} devices')
   for stage in ('generator', 'student', 'dafl', 'dfad'):

@@ -202,6 +202,19 @@ def test_sigkill_then_resume(mnist_data_dir, tmp_path, tmp_path_factory, monkeyp
   assert_same_result(tmp_path, (reference, whole))
 
 
+def test_only_the_running_methods_batch_must_split_over_the_devices():
+  """ZSKD's batch of 100 does not split over 8 devices: refused for a ZSKD run, not for an
+  RDSKD run, which never makes impressions."""
+  from rdskd_jax import config_checks
+  from rdskd_jax.errors import ConfigError
+  config = mnist.get_config('paper')
+  config_checks.validate(config, 8)
+  config.method = 'zskd'
+  with pytest.raises(ConfigError, match=r'config.zskd.batch_size=100: expected a multiple '
+                     r'of the 8 devices'):
+    config_checks.validate(config, 8)
+
+
 def test_bad_settings_are_refused_in_one_line(mnist_data_dir, tmp_path):
   from rdskd_jax.errors import ConfigError
   with pytest.raises(ConfigError, match=r'student.steps=7: expected a multiple of '
