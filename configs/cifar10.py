@@ -58,6 +58,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.deepinversion.steps = 200
   # ZSKD (method='zskd'): the paper's 40,000 impressions for CIFAR-10 (400 batches of 100).
   c.zskd.steps = 400
+  c.zskd.max_shift = 4              # The impressions' augmentation: its teacher's.
+  c.zskd.flip = True
 
   if preset == 'paper':
     pass

@@ -58,6 +58,12 @@ def build_networks(config, num_classes: int, channels: int, check_teacher: bool 
   return teacher, generator, student
 
 
+def _black(config):
+  """A black pixel after normalisation, per channel: what shifted-in pixels take."""
+  return tuple(float(v) for v in
+               -np.asarray(config.mean, np.float32) / np.asarray(config.std, np.float32))
+
+
 def teacher_setup(config, model, channels: int, images, labels):
   """The teacher's initial train state, its per-device step, its step count and
   `batches(step)`, the host batch of a step from the real train split (images, labels)."""
@@ -73,8 +79,7 @@ def teacher_setup(config, model, channels: int, images, labels):
       model, init_key(config, 'teacher'), (config.image_size, config.image_size, channels))
   state = train_steps.new_train_state(params, tx, **collections)
 
-  # Shifted-in pixels take the value of a black pixel after normalisation.
-  fill = -np.asarray(config.mean, np.float32) / np.asarray(config.std, np.float32)
+  fill = _black(config)
 
   def batches(step):
     """Epoch e visits the split in a permutation drawn from (seed, e); shifts and flips
@@ -192,7 +197,9 @@ def synthesis_setup(config, channels: int, num_classes: int, teacher, student):
     synthesis = {k: mcfg[k] for k in ('iterations', 'learning_rate', 'temperature')}
     step_fn = functools.partial(
         train_steps.zskd_step, batches=mcfg.steps,
-        synthesis=dict(synthesis, betas=tuple(mcfg.betas), dtype=dtype), **kd)
+        synthesis=dict(synthesis, betas=tuple(mcfg.betas), dtype=dtype),
+        augmentation={'max_shift': mcfg.max_shift, 'flip': mcfg.flip,
+                      'fill': _black(config)}, **kd)
     return state, step_fn
   synthesis = {k: mcfg[k] for k in ('iterations', 'learning_rate', 'jitter', 'class_weight',
                                     'tv_weight', 'l2_weight', 'bn_weight',

@@ -8,6 +8,8 @@ pytree: step, params, opt_state, skipped-step counters and the entries a network
 besides its parameters (BatchNorm statistics, loss references).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -494,14 +496,40 @@ def _store_batch(bank, rows, index, axis_name):
   return jnp.where(finite, stored, bank), finite
 
 
+def shift_and_flip(key, images, *, max_shift: int, flip: bool, fill):
+  """Each image translated by (dy, dx), each drawn uniformly from -max_shift..max_shift,
+  the shifted-in pixels taking `fill` (one value per channel), then mirrored left-right
+  with probability 1/2 where `flip`. The on-device counterpart of the teacher's host-side
+  augmentation (data.random_shift, data.random_flip), for sets that live on the device."""
+  n, h, w, c = images.shape
+  shift_key, flip_key = jax.random.split(key)
+  if max_shift:
+    m = max_shift
+    fill = jnp.broadcast_to(jnp.asarray(fill, images.dtype), (c,))
+    widths = ((0, 0), (m, m), (m, m), (0, 0))
+    inside = jnp.pad(jnp.ones((1, h, w, 1), bool), widths)
+    padded = jnp.where(inside, jnp.pad(images, widths), fill)
+    offsets = jax.random.randint(shift_key, (n, 2), 0, 2 * m + 1)
+    images = jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))(
+        padded, offsets)
+  if flip:
+    mirrored = jax.random.bernoulli(flip_key, 0.5, (n,))
+    images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
 def _distil_on_bank(s_state, key, bank, filled, *, teacher, teacher_vars, student, tx_student,
-                    updates, batch_size, temperature, axis_name):
+                    updates, batch_size, temperature, axis_name, augment=None):
   """`updates` KD steps of the student, each on a batch drawn uniformly from the first
-  `filled` rows of the bank, the frozen teacher's logits on it as targets. Returns the
-  student's state and the last KD loss."""
+  `filled` rows of the bank (then `augment(key, batch)`, where given), the frozen teacher's
+  logits on it as targets. Returns the student's state and the last KD loss."""
   def update(s_state, k):
-    take = jax.random.randint(jax.random.fold_in(key, k), (batch_size,), 0, filled)
-    images = _global_slice(bank[take], axis_name)
+    batch_key = jax.random.fold_in(key, k)
+    take = jax.random.randint(batch_key, (batch_size,), 0, filled)
+    batch = bank[take]
+    if augment is not None:  # On the global batch, so that N devices equal one.
+      batch = augment(jax.random.fold_in(batch_key, 1), batch)
+    images = _global_slice(batch, axis_name)
     teacher_logits, _ = teacher.apply(teacher_vars, images, train=False)
 
     def loss_fn(params):
@@ -549,11 +577,14 @@ def deepinversion_step(state, frozen, root_key, *, teacher, student, tx_student,
 
 
 def zskd_step(state, frozen, root_key, *, teacher, student, tx_student, shape, batches,
-              synthesis, student_updates, student_batch_size, temperature, axis_name):
+              synthesis, augmentation, student_updates, student_batch_size, temperature,
+              axis_name):
   """One step of ZSKD (Nayak et al. 2019): the first `batches` steps each make one batch
   of data impressions (`data_impressions`) and store it in the bank; each later step
   takes `student_updates` KD steps of the student on batches drawn uniformly from the
-  whole set, which is complete by then, as the paper distils after synthesising. The
+  whole set, which is complete by then, as the paper distils after synthesising, each
+  batch augmented by `shift_and_flip(**augmentation)` as the paper augments the
+  impressions. The
   step index picks the branch (lax.cond), so every step is one program; the metrics of
   the branch not taken are 0.
   """
@@ -575,7 +606,8 @@ def zskd_step(state, frozen, root_key, *, teacher, student, tx_student, shape, b
         state['student'], jax.random.fold_in(key, 1), state['bank'], batches * shape[0],
         teacher=teacher, teacher_vars=frozen['teacher'], student=student,
         tx_student=tx_student, updates=student_updates, batch_size=student_batch_size,
-        temperature=temperature, axis_name=axis_name)
+        temperature=temperature, axis_name=axis_name,
+        augment=functools.partial(shift_and_flip, **augmentation))
     return (_synthesis_state(state, state['bank'], s_state, True),
             dict(empty, kd=kd.astype(jnp.float32)))
 

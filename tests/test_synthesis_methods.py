@@ -154,6 +154,51 @@ def test_zskd_synthesises_every_batch_then_distils_on_the_whole_set():
   np.testing.assert_array_equal(np.asarray(new['bank']), np.asarray(state['bank']))
 
 
+def _shifted(image, dy, dx, m, fill):
+  """`image` translated as data.random_shift does for offsets (dy, dx) in 0..2m."""
+  h, w, _ = image.shape
+  padded = np.empty((h + 2 * m, w + 2 * m, image.shape[-1]), image.dtype)
+  padded[...] = fill
+  padded[m:m + h, m:m + w] = image
+  return padded[dy:dy + h, dx:dx + w]
+
+
+def test_shift_and_flip_translates_and_mirrors_each_image_within_range():
+  """Each output is its input translated by one offset in -m..m per axis, the shifted-in
+  pixels the fill of their channel, then mirrored or not; offsets and mirrors vary."""
+  images = np.random.default_rng(0).normal(size=(64, 6, 7, 2)).astype(np.float32)
+  fill, m = (-0.5, 2.0), 2
+  out = np.asarray(train_steps.shift_and_flip(jax.random.key(1), jnp.asarray(images),
+                                              max_shift=m, flip=True, fill=fill))
+  seen = set()
+  for image, got in zip(images, out):
+    found = [(dy, dx, mirror) for dy in range(2 * m + 1) for dx in range(2 * m + 1)
+             for mirror in (False, True)
+             if np.array_equal(got, (lambda a: a[:, ::-1] if mirror else a)(
+                 _shifted(image, dy, dx, m, fill)))]
+    assert len(found) == 1
+    seen.add(found[0])
+  assert len({s[:2] for s in seen}) > 10 and {s[2] for s in seen} == {False, True}
+  same = train_steps.shift_and_flip(jax.random.key(1), jnp.asarray(images), max_shift=0,
+                                    flip=False, fill=fill)
+  np.testing.assert_array_equal(np.asarray(same), images)
+
+
+def test_zskd_distils_on_augmented_impressions():
+  """ZSKD's KD step takes its batches through shift_and_flip: with zskd.max_shift=0 the
+  same step trains the student to other parameters, and every parameter stays finite."""
+  students = []
+  for shift in (2, 0):
+    config = _deepinversion(method='zskd', **{'zskd.max_shift': shift})
+    _, frozen, _, state, step_fn = _setup(config)
+    bank = jax.random.normal(jax.random.key(3), state['bank'].shape, state['bank'].dtype)
+    state = dict(state, step=jnp.int32(config.zskd.steps), bank=bank)
+    new, _ = jax.jit(lambda s: step_fn(s, frozen, jax.random.key(0), axis_name=None))(state)
+    students.append(jax.tree.leaves(new['student']['params']))
+  assert all(np.all(np.isfinite(a)) for a in students[0])
+  assert any(not np.allclose(a, b) for a, b in zip(*students))
+
+
 @pytest.mark.parametrize('method', ['deepinversion', 'zskd'])
 def test_smoke_end_to_end(mnist_data_dir, tmp_path, method):
   config = _deepinversion(mnist_data_dir, method)
@@ -216,7 +261,13 @@ def test_only_the_running_methods_batch_must_split_over_the_devices():
 
 
 def test_bad_settings_are_refused_in_one_line(mnist_data_dir, tmp_path):
+  from rdskd_jax import config_checks
   from rdskd_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r'config.zskd.max_shift=16: expected a shift in '
+                     r'whole pixels, 0 <= shift < image_size / 2'):
+    config_checks.validate(_deepinversion(method='zskd', **{'zskd.max_shift': 16}), 1)
+  with pytest.raises(ConfigError, match=r'config.zskd.max_shift=-1: expected'):
+    config_checks.validate(_deepinversion(method='zskd', **{'zskd.max_shift': -1}), 1)
   with pytest.raises(ConfigError, match=r'student.steps=7: expected a multiple of '
                      r'deepinversion.steps=3'):
     train.train_and_evaluate(_deepinversion(mnist_data_dir, **{'student.steps': 7}),
