@@ -216,6 +216,20 @@ def generator_step(state, frozen, root_key, *, generator, teacher, tx, batch_siz
   return state, dict(aux, total=total)
 
 
+def kd_update(state, images, teacher_logits, *, student, tx, temperature, axis_name):
+  """One KD step of the student's train state on `images`, the teacher's logits on them
+  as targets (losses.kd_loss at `temperature`): the step of every method's student but
+  DFAD's. Returns the new state and the loss."""
+  def loss_fn(params):
+    (student_logits, _), new_parts = train_forward(student, state, params, images)
+    return losses.kd_loss(student_logits, teacher_logits, temperature,
+                          axis_name=axis_name), new_parts
+
+  (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      _in_compute_precision(state['params'], student.dtype))
+  return apply_gradients(state, grads, tx, axis_name, loss, **new_parts), loss
+
+
 def student_step(state, frozen, root_key, *, generator, teacher, student, tx, batch_size,
                  latent_dim, temperature, axis_name, generator_batchnorm='running'):
   """One KD step of the student on fresh samples of the frozen generator (its BatchNorm
@@ -223,16 +237,9 @@ def student_step(state, frozen, root_key, *, generator, teacher, student, tx, ba
   z = local_noise(jax.random.fold_in(root_key, state['step']), batch_size, latent_dim, axis_name)
   images = models.generate(generator, frozen['generator'], z, generator_batchnorm, axis_name)
   teacher_logits, _ = teacher.apply(frozen['teacher'], images, train=False)
-  student = student.clone(axis_name=axis_name)
-
-  def loss_fn(params):
-    (student_logits, _), new_parts = train_forward(student, state, params, images)
-    loss = losses.kd_loss(student_logits, teacher_logits, temperature, axis_name=axis_name)
-    return loss, new_parts
-
-  (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      _in_compute_precision(state['params'], student.dtype))
-  return apply_gradients(state, grads, tx, axis_name, loss, **new_parts), {'kd': loss}
+  state, loss = kd_update(state, images, teacher_logits, student=student.clone(
+      axis_name=axis_name), tx=tx, temperature=temperature, axis_name=axis_name)
+  return state, {'kd': loss}
 
 
 def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_generator,
@@ -261,17 +268,10 @@ def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_genera
   (g_total, (aux, g_stats, images, teacher_logits)), g_grads = jax.value_and_grad(
       generator_loss, has_aux=True)(_in_compute_precision(g_state['params'], generator.dtype))
   images, teacher_logits = jax.lax.stop_gradient((images, teacher_logits))
-
-  def student_loss(params):
-    (student_logits, _), new_parts = train_forward(student, s_state, params, images)
-    return losses.kd_loss(student_logits, teacher_logits, temperature,
-                          axis_name=axis_name), new_parts
-
-  (kd, s_parts), s_grads = jax.value_and_grad(student_loss, has_aux=True)(
-      _in_compute_precision(s_state['params'], student.dtype))
+  s_state, kd = kd_update(s_state, images, teacher_logits, student=student, tx=tx_student,
+                          temperature=temperature, axis_name=axis_name)
   g_state = apply_gradients(g_state, g_grads, tx_generator, axis_name, g_total,
                              batch_stats=g_stats)
-  s_state = apply_gradients(s_state, s_grads, tx_student, axis_name, kd, **s_parts)
   bad_g, bad_s = g_state['nonfinite'], s_state['nonfinite']
   return ({'step': state['step'] + 1, 'generator': g_state, 'student': s_state,
            'nonfinite': {'total': bad_g['total'] + bad_s['total'],
@@ -531,15 +531,8 @@ def _distil_on_bank(s_state, key, bank, filled, *, teacher, teacher_vars, studen
       batch = augment(jax.random.fold_in(batch_key, 1), batch)
     images = _global_slice(batch, axis_name)
     teacher_logits, _ = teacher.apply(teacher_vars, images, train=False)
-
-    def loss_fn(params):
-      (student_logits, _), new_parts = train_forward(student, s_state, params, images)
-      return losses.kd_loss(student_logits, teacher_logits, temperature,
-                            axis_name=axis_name), new_parts
-
-    (loss, new_parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        _in_compute_precision(s_state['params'], student.dtype))
-    return apply_gradients(s_state, grads, tx_student, axis_name, loss, **new_parts), loss
+    return kd_update(s_state, images, teacher_logits, student=student, tx=tx_student,
+                     temperature=temperature, axis_name=axis_name)
 
   s_state, kd = jax.lax.scan(update, s_state, jnp.arange(updates))
   return s_state, kd[-1]
