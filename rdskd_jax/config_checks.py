@@ -173,13 +173,11 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   _require(config.student.generator_batchnorm in models.GENERATOR_BATCHNORM,
            'student.generator_batchnorm', config.student.generator_batchnorm,
            ' or '.join(map(repr, models.GENERATOR_BATCHNORM)))
-  _require(0 <= config.teacher.max_shift and (config.image_size == 0 or
-           config.teacher.max_shift < config.image_size // 2), 'teacher.max_shift',
-           config.teacher.max_shift, 'a shift in pixels, 0 <= shift < image_size / 2')
-  shift = config.zskd.max_shift
-  _require(isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift and
-           (config.image_size == 0 or shift < config.image_size // 2), 'zskd.max_shift',
-           shift, 'a shift in whole pixels, 0 <= shift < image_size / 2')
+  for block in ('teacher', 'zskd'):  # The two augmentations by translation.
+    shift = config[block].max_shift
+    _require(isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift and
+             (config.image_size == 0 or shift < config.image_size // 2), f'{block}.max_shift',
+             shift, 'a shift in whole pixels, 0 <= shift < image_size / 2')
   _require(isinstance(config.num_devices, int) and config.num_devices >= 0, 'num_devices',
            config.num_devices, '0 (all devices) or a positive device count')
   _require(config.num_devices <= available_devices, 'num_devices', config.num_devices,

@@ -577,9 +577,8 @@ def zskd_step(state, frozen, root_key, *, teacher, student, tx_student, shape, b
   takes `student_updates` KD steps of the student on batches drawn uniformly from the
   whole set, which is complete by then, as the paper distils after synthesising, each
   batch augmented by `shift_and_flip(**augmentation)` as the paper augments the
-  impressions. The
-  step index picks the branch (lax.cond), so every step is one program; the metrics of
-  the branch not taken are 0.
+  impressions. The step index picks the branch (lax.cond), so every step is one program;
+  the metrics of the branch not taken are 0.
   """
   key = jax.random.fold_in(root_key, state['step'])
   student = student.clone(axis_name=axis_name)
