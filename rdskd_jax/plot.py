@@ -189,7 +189,7 @@ def save_robustness(sweep_dirs, path: str) -> str:
   ax.set_title(f"{results[0]['dataset']}, preset {results[0]['preset']!r}, "
                f"{'/'.join(map(str, seeds))} seeds per setting", fontsize=9)
   ax.grid(axis='y', alpha=0.3)
-  ax.legend(fontsize=7, loc='lower right')
+  ax.legend(fontsize=7, loc='best')  # 'best' keeps a low worst seed from hiding under it.
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
