@@ -4,6 +4,7 @@ Presets (the string after the colon):
   python -m rdskd_jax.main --config=configs/cifar10.py --workdir=W        # paper settings
   python -m rdskd_jax.main --config=configs/cifar10.py:cpu --workdir=W    # 2-core CPU budget
   python -m rdskd_jax.main --config=configs/cifar10.py:smoke --workdir=W  # seconds, for tests
+  python -m rdskd_jax.main --config=configs/cifar10.py:tiny --workdir=W   # smoke, narrow networks
 
 The paper preset follows the authors' code: generator Adam 1e-3 for 20 x 120 steps, then
 the student with Adam 2e-3 for 1000 x 120 steps, x0.1 from epoch 800, batch 512, latent
@@ -66,10 +67,12 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   elif preset == 'cpu':
     presets.deep_cpu(c)
     c.student.decay_epochs = (8,)   # Of 10 (60-step) epochs, as 800 of the paper's 1000.
-  elif preset == 'smoke':
+  elif preset in ('smoke', 'tiny'):
     presets.deep_smoke(c)
     c.student.decay_epochs = (1,)
+    if preset == 'tiny':
+      presets.narrow(c, classifier_width=1 / 8)
   else:
     raise ValueError(f"unknown preset {preset!r} for configs/cifar10.py; expected 'paper', "
-                     "'cpu' or 'smoke'")
+                     "'cpu', 'smoke' or 'tiny'")
   return c

@@ -4,6 +4,7 @@ Presets (the string after the colon):
   python -m rdskd_jax.main --config=configs/mnist.py --workdir=W        # paper settings
   python -m rdskd_jax.main --config=configs/mnist.py:cpu --workdir=W    # 2-core CPU budget
   python -m rdskd_jax.main --config=configs/mnist.py:smoke --workdir=W  # seconds, for tests
+  python -m rdskd_jax.main --config=configs/mnist.py:tiny --workdir=W   # smoke, narrow networks
 """
 
 import ml_collections
@@ -68,6 +69,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
   elif preset == 'smoke':
     presets.smoke(c)
+  elif preset == 'tiny':
+    presets.tiny(c)
   else:
-    raise ValueError(f"unknown preset {preset!r} for configs/mnist.py; expected 'paper', 'cpu' or 'smoke'")
+    raise ValueError(f"unknown preset {preset!r} for configs/mnist.py; expected 'paper', "
+                     "'cpu', 'smoke' or 'tiny'")
   return c

@@ -43,6 +43,24 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.steps_per_call = 1  # The tests of single steps; tests/test_fused_steps.py fuses them.
 
 
+def tiny(c: ml_collections.ConfigDict) -> None:
+  """The smoke settings on a generator a few channels wide, reporting on a slice of the
+  test split, no figures: every stage's code path in the fewest seconds, for the tests of
+  resume, damage, parallelism, sweeps and methods. The real widths have their own tests."""
+  smoke(c)
+  narrow(c)
+
+
+def narrow(c: ml_collections.ConfigDict, classifier_width: float = 1.0) -> None:
+  """What makes a smoke preset tiny: narrow networks, light reporting. The classifiers'
+  width is the config file's: LeNet-5 is small already, the deep networks keep their depth
+  (the same code path) at a fraction of their width."""
+  c.generator.width = 1 / 16        # 8 and 4 channels instead of 128 and 64.
+  c.teacher.width = c.student.width = classifier_width
+  c.test_examples = 1000
+  c.figures = False
+
+
 def deep_cpu(c: ml_collections.ConfigDict) -> None:
   """BatchNorm networks (WRN, ResNet) on a 2-core CPU: small batches and few steps, a run
   that shows the pipeline working; accuracy needs the paper preset on an accelerator."""
@@ -99,8 +117,11 @@ def wrn(preset: str, file: str) -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   if preset == 'cpu':
     deep_cpu(c)
-  elif preset == 'smoke':
+  elif preset in ('smoke', 'tiny'):
     deep_smoke(c)
   elif preset != 'paper':
-    raise ValueError(f"unknown preset {preset!r} for {file}; expected 'paper', 'cpu' or 'smoke'")
+    raise ValueError(f"unknown preset {preset!r} for {file}; expected 'paper', 'cpu', 'smoke' "
+                     "or 'tiny'")
+  if preset == 'tiny':
+    narrow(c, classifier_width=1 / 8)
   return c

@@ -4,6 +4,7 @@ Presets (the string after the colon):
   python -m rdskd_jax.main --config=configs/svhn.py --workdir=W        # paper settings
   python -m rdskd_jax.main --config=configs/svhn.py:cpu --workdir=W    # 2-core CPU budget
   python -m rdskd_jax.main --config=configs/svhn.py:smoke --workdir=W  # seconds, for tests
+  python -m rdskd_jax.main --config=configs/svhn.py:tiny --workdir=W   # smoke, narrow networks
 
 The paper preset uses the authors' generator and student schedule (as for MNIST: 20 x 120
 generator steps at Adam 1e-3, 1000 x 120 student steps at Adam 2e-3, batch 512) with latent

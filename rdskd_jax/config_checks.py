@@ -131,7 +131,8 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
                 'deepinversion.steps', 'deepinversion.iterations', 'zskd.batch_size',
                 'zskd.steps', 'zskd.iterations'):
     _positive_int(config, field)
-  for field in ('teacher.learning_rate', 'generator.learning_rate',
+  for field in ('teacher.width', 'generator.width', 'student.width',
+                'teacher.learning_rate', 'generator.learning_rate',
                 'student.learning_rate', 'student.temperature', 'student.epoch_length',
                 'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature',
                 'dfad.generator_learning_rate', 'dfad.student_learning_rate'):
@@ -190,8 +191,9 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
            '0 (never) or a positive step count')
   _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
            '0 (never) or a positive step count')
-  _require(config.teacher.max_train_examples >= 0, 'teacher.max_train_examples',
-           config.teacher.max_train_examples, '0 (all) or a positive count')
+  for field in ('teacher.max_train_examples', 'test_examples'):
+    _require(isinstance(_get(config, field), int) and _get(config, field) >= 0, field,
+             _get(config, field), '0 (all) or a positive count')
   if config.method in ('deepinversion', 'zskd'):  # Only the method that runs is split.
     field = f'{config.method}.batch_size'
     _require(_get(config, field) % num_devices == 0, field, _get(config, field),

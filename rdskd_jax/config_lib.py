@@ -44,9 +44,14 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.image_every = 240               # Generator steps between TensorBoard sample grids (and
                                     #   coverage metrics of 512 samples); 0: never.
   c.diagnostic_samples = 4096       # Generated samples behind report.json's diagnostics.
+  c.test_examples = 0               # Report on the first N examples of the test split; 0: all
+                                    #   (a slice only to make tests quick).
+  c.figures = True                  # Draw samples.png and curves.png at the end of the run.
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = 'lenet5'        # Classifier name in rdskd_jax.models.
+  c.teacher.width = 1.0             # Times the model's published channel counts (the tests'
+                                    #   tiny networks: less); 1: as published.
   c.teacher.checkpoint = ''         # Trained teacher: a teacher_variables directory or a PyTorch
                                     #   state_dict (.safetensors/.pt/.pth); empty: train one.
   c.teacher.batch_size = 256        # Real-data batch size (DAFL's teacher-train.py).
@@ -64,6 +69,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
   c.generator = ml_collections.ConfigDict()
   c.generator.latent_dim = 100      # Noise dimension (100 for MNIST, 1000 for SVHN/CIFAR-10).
+  c.generator.width = 1.0           # Times the channel counts 128 and 64; 1: the authors'.
   c.generator.batch_size = 512      # Global batch: two halves of batch_size/2 for L_ds.
   c.generator.steps = 2400          # 20 epochs x 120 steps (the authors' code).
   c.generator.epoch_length = 120    # The loss references refresh at index 1 of each epoch.
@@ -80,6 +86,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
   c.student = ml_collections.ConfigDict()
   c.student.model = 'lenet5_half'   # Classifier name in rdskd_jax.models.
+  c.student.width = 1.0             # Times the model's published channel counts.
   c.student.batch_size = 512        # Fresh generated samples per step.
   c.student.steps = 120000          # 1000 epochs x 120 steps (the authors' code).
   c.student.epoch_length = 120      # Steps per epoch (the unit of decay_epochs).

@@ -41,11 +41,19 @@ def output_dtype(inputs, dtype):
   return inputs.dtype if dtype is None else jnp.promote_types(inputs.dtype, dtype)
 
 
-def create_classifier(name: str, num_classes: int, dtype: Any = None) -> nn.Module:
-  """A registered classifier computing in `dtype` (None: the dtype of its inputs)."""
+def create_classifier(name: str, num_classes: int, dtype: Any = None,
+                      width: float = 1.0) -> nn.Module:
+  """A registered classifier computing in `dtype` (None: the dtype of its inputs), with
+  `width` times its published channel counts (1: as published)."""
   if name not in _CLASSIFIERS:
     raise ValueError(f'unknown model {name!r}; known models: {", ".join(known_classifiers())}')
-  return _CLASSIFIERS[name](num_classes=num_classes, dtype=dtype)
+  return _CLASSIFIERS[name](num_classes=num_classes, dtype=dtype, width=width)
+
+
+def scaled(channels: int, width: float) -> int:
+  """`channels` times a width factor, rounded, at least 1: the channel count of a layer in
+  a narrower (or wider) copy of a network, the same layers and code path at any width."""
+  return max(1, int(round(channels * width)))
 
 
 # PyTorch's default initialisation of nn.Linear and nn.Conv2d, which the authors' generator
@@ -80,11 +88,12 @@ class _LeNet5Family(nn.Module):
   # on them keep full precision under bfloat16, and all of float64's.
   dtype: Any = None
   axis_name: Optional[str] = None  # Unused (no BatchNorm); every classifier takes it.
+  width: float = 1.0  # Times `widths` (create_classifier).
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     del train  # No BatchNorm or dropout: the same function in both modes.
-    c1, c2, c3, hidden = self.widths
+    c1, c2, c3, hidden = (scaled(c, self.width) for c in self.widths)
     x = images
     def conv(features, name):  # PyTorch's default initialisation, as the authors' LeNet-5.
       return nn.Conv(features, (5, 5), padding='VALID', dtype=self.dtype, name=name,
@@ -138,8 +147,10 @@ class _BatchNormClassifier(nn.Module):
   num_classes: int = 10
   dtype: Any = None
   axis_name: Optional[str] = None
+  width: float = 1.0  # Times every conv's published channel count (create_classifier).
 
   def _conv(self, features, kernel=3, stride=1, name=None):
+    features = scaled(features, self.width)
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
                    use_bias=False, kernel_init=_he_normal, dtype=self.dtype, name=name)
 
@@ -180,7 +191,7 @@ class WideResNet(_BatchNormClassifier):
     the shortcut where the shape changes."""
     activated = nn.relu(self._norm(train, f'{name}_bn1')(x))
     shortcut = x
-    if stride != 1 or x.shape[-1] != width:
+    if stride != 1 or x.shape[-1] != scaled(width, self.width):
       shortcut = self._conv(width, 1, stride, f'{name}_proj')(activated)
     y = self._conv(width, 3, stride, f'{name}_conv1')(activated)
     y = nn.relu(self._norm(train, f'{name}_bn2')(y))
@@ -211,7 +222,7 @@ class CifarResNet(_BatchNormClassifier):
     y = nn.relu(self._norm(train, f'{name}_bn1')(self._conv(width, 3, stride, f'{name}_conv1')(x)))
     y = self._norm(train, f'{name}_bn2')(self._conv(width, 3, 1, f'{name}_conv2')(y))
     shortcut = x
-    if stride != 1 or x.shape[-1] != width:
+    if stride != 1 or x.shape[-1] != scaled(width, self.width):
       shortcut = self._norm(train, f'{name}_proj_bn')(self._conv(width, 1, stride, f'{name}_proj')(x))
     return nn.relu(y + shortcut)
 
@@ -397,20 +408,22 @@ class Generator(nn.Module):
   subpixel: bool = True
   axis_name: Optional[str] = None
   dtype: Any = None
+  width: float = 1.0  # Times the channel counts 128 and 64 (the tests' tiny generators).
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     s = self.image_size // 4
+    wide, narrow = scaled(128, self.width), scaled(64, self.width)
     norm = lambda eps, affine=True: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=eps, use_scale=affine,
         use_bias=affine, axis_name=self.axis_name if train else None, dtype=self.dtype,
         use_fast_variance=False)
-    x = nn.Dense(128 * s * s, dtype=self.dtype, name='project', kernel_init=torch_kernel_init,
+    x = nn.Dense(wide * s * s, dtype=self.dtype, name='project', kernel_init=torch_kernel_init,
                  bias_init=torch_bias_init(z.shape[-1]))(z)
-    x = norm(1e-5)(x.reshape(z.shape[0], s, s, 128))
-    x = UpsampleConv(128, self.subpixel, use_bias=False, name='conv1')(x)
+    x = norm(1e-5)(x.reshape(z.shape[0], s, s, wide))
+    x = UpsampleConv(wide, self.subpixel, use_bias=False, name='conv1')(x)
     x = nn.leaky_relu(norm(0.8)(x), 0.2)
-    x = UpsampleConv(64, self.subpixel, use_bias=False, name='conv2')(x)
+    x = UpsampleConv(narrow, self.subpixel, use_bias=False, name='conv2')(x)
     x = nn.leaky_relu(norm(0.8)(x), 0.2)
     if self.subpixel:
       x = NarrowConv3x3(self.channels, name='conv3')(x)

@@ -51,10 +51,13 @@ def build_networks(config, num_classes: int, channels: int, check_teacher: bool 
   when a Python module replaces it)."""
   config_checks.check_image_size(config, channels, check_teacher)
   dtype = models.DTYPES[config.dtype]
-  teacher = models.create_classifier(config.teacher.model, num_classes, dtype)
+  teacher = models.create_classifier(config.teacher.model, num_classes, dtype,
+                                     config.teacher.width)
   generator = models.Generator(image_size=config.image_size, channels=channels,
-                               subpixel=config.generator.subpixel, dtype=dtype)
-  student = models.create_classifier(config.student.model, num_classes, dtype)
+                               subpixel=config.generator.subpixel, dtype=dtype,
+                               width=config.generator.width)
+  student = models.create_classifier(config.student.model, num_classes, dtype,
+                                     config.student.width)
   return teacher, generator, student
 
 

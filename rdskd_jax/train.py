@@ -139,7 +139,8 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
       'seed': config.seed, 'config': config.to_dict()})
   test_images = test_labels = None  # Without a dataset nothing is evaluated on real data.
   if config.dataset:
-    test_images, test_labels = data.load_split(config, 'test', per_process=True)
+    test_images, test_labels = data.load_split(config, 'test', config.test_examples,
+                                               per_process=True)
 
   def test_accuracy(model, variables):
     """Reporting only: {'test_accuracy': accuracy on the test split}, {} without one."""
@@ -253,7 +254,7 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
     metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
                 f'[student] agreement with the teacher on generated samples {agreement:.4f}')
 
-    if parallel.is_main_process():
+    if config.figures and parallel.is_main_process():
       plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
                         teacher_vars, gcfg.latent_dim, config, stages.samples_key(config))
       plot.save_curves(workdir)
@@ -299,7 +300,7 @@ def _synthesis_method(config, workdir, report, log, stage, frozen, channels, num
                          'seconds': total})
   metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
               f'[student] agreement with the teacher on the synthesised set {agreement:.4f}')
-  if parallel.is_main_process():
+  if config.figures and parallel.is_main_process():
     plot.save_class_grid(os.path.join(workdir, 'samples.png'), bank[-512:], teacher,
                          teacher_vars, config)
     plot.save_curves(workdir)

@@ -157,7 +157,8 @@ def save_teacher_variables(workdir: str, variables) -> None:
 RESUMABLE_FIELDS = ('preset', 'data_dir', 'parallel', 'num_devices', 'distributed',
                     'steps_per_call',
                     'checkpoint_every', 'log_every', 'eval_batch_size', 'max_bad_steps',
-                    'student.eval_every', 'image_every', 'diagnostic_samples')
+                    'student.eval_every', 'image_every', 'diagnostic_samples',
+                    'test_examples', 'figures')
 _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json',
               'samples.png', 'curves.png', 'config.json', 'normalization.json', 'tensorboard')
 
@@ -165,7 +166,8 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
 # Fields added after runs were written, with the value those runs had: a workdir or
 # report.json without one stands for that value.
 FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running', 'num_classes': 0,
-                      'channels': 0, 'steps_per_call': 0}
+                      'channels': 0, 'steps_per_call': 0, 'teacher.width': 1.0,
+                      'generator.width': 1.0, 'student.width': 1.0}
 
 
 def with_fields_added_later(saved: Dict[str, Any]) -> Dict[str, Any]:

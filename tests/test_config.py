@@ -12,7 +12,7 @@ from rdskd_jax import config_checks, config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize('preset', ['paper', 'cpu', 'smoke'])
+@pytest.mark.parametrize('preset', ['paper', 'cpu', 'smoke', 'tiny'])
 def test_presets_load_and_validate(preset):
   config = mnist.get_config(preset)
   config_checks.validate(config)
@@ -48,6 +48,9 @@ def test_unknown_preset():
     ('zskd.betas', (), 'config.zskd.betas=.*: expected one or more positive Dirichlet'),
     ('dfad.student_updates', 0, 'config.dfad.student_updates=0: expected a positive integer'),
     ('dfad.weight_decay', -1e-4, 'config.dfad.weight_decay=-0.0001: expected a value >= 0'),
+    ('generator.width', 0.0, 'config.generator.width=0.0: expected a positive number'),
+    ('student.width', -0.5, 'config.student.width=-0.5: expected a positive number'),
+    ('test_examples', -1, 'config.test_examples=-1: expected 0 .all. or a positive count'),
 ])
 def test_bad_values_are_named(field, value, message):
   config = mnist.get_config('smoke')

@@ -1,5 +1,7 @@
 """Model shapes, parameter counts, and the exactness of the sub-pixel generator."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +71,7 @@ def test_subpixel_generator_equals_literal_upsample_conv_in_float64():
         images, _ = module.apply({'params': params, 'batch_stats': variables['batch_stats']},
                                  z, train=True, mutable=['batch_stats'])
         return jnp.sum(jnp.sin(3 * images)), images
-      return jax.value_and_grad(f, has_aux=True)(variables['params'])
+      return jax.jit(jax.value_and_grad(f, has_aux=True))(variables['params'])
 
     (_, images_a), grads_a = objective(literal)
     (_, images_b), grads_b = objective(fast)
@@ -151,14 +153,15 @@ def test_batchnorm_classifier_modes(name, features):
   """Train mode updates the running statistics; inference mode reads them; any class
   count and image size work (global pooling)."""
   model = models.create_classifier(name, 7)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
   x = jax.random.normal(jax.random.key(1), (4, 20, 20, 3))
-  (logits, feats), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  (logits, feats), updates = jax.jit(functools.partial(model.apply, train=True,
+                                                       mutable=['batch_stats']))(variables, x)
   assert logits.shape == (4, 7) and feats.shape == (4, features)
   assert not jax.tree.all(jax.tree.map(jnp.array_equal, updates['batch_stats'],
                                        variables['batch_stats']))
   # Fresh running statistics (mean 0, var 1) make inference differ from batch statistics.
-  inference, _ = model.apply(variables, x, train=False)
+  inference, _ = jax.jit(model.apply)(variables, x)
   assert not np.allclose(inference, logits, atol=1e-3)
 
 
@@ -182,3 +185,26 @@ def test_initialisation_is_pytorch_default(name):
       if values.size >= 100:
         np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.15,
                                    err_msg=f'{layer}/{kind}')
+
+
+@pytest.mark.parametrize('name', ['generator', 'lenet5', 'wrn_16_1', 'resnet18'])
+def test_width_scales_the_channels_and_keeps_the_layers(name):
+  """A width factor (the tiny presets' networks) scales every layer's channel count,
+  rounded and at least 1, and keeps every layer; width 1 is the published network."""
+  def shapes(width):
+    if name == 'generator':
+      model, inputs = models.Generator(width=width), jnp.zeros((2, 100))
+    else:
+      model, inputs = models.create_classifier(name, 10, width=width), jnp.zeros((1, 32, 32, 3))
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs))
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  full, narrow = shapes(1.0), shapes(1 / 8)
+  assert full.keys() == narrow.keys()
+  assert full == shapes(models.scaled(1, 1.0))  # The default is the published width.
+  for path, shape in full.items():
+    image_channels = name == 'generator' and path.endswith('conv3/kernel')  # Not scaled.
+    if path.endswith('kernel') and len(shape) == 4 and not image_channels:
+      assert narrow[path][-1] == models.scaled(shape[-1], 1 / 8) < shape[-1], path
+  assert models.scaled(3, 1 / 8) == 1 and models.scaled(64, 1 / 16) == 4
