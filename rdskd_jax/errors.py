@@ -3,6 +3,7 @@ command lines call to print them and exit with their status."""
 
 import errno
 import logging
+import os
 import sys
 
 from absl import logging as absl_logging
@@ -32,10 +33,14 @@ class Preempted(RunStopped):
   """SIGTERM arrived; the state of the last finished step is checkpointed."""
 
 
-class _WithoutTraceback(logging.Filter):
-  """Log records keep their line, not their traceback (Orbax logs one per failed write)."""
+class _OneLineLogs(logging.Filter):
+  """Log records keep their line, not their traceback; Orbax's are dropped: a failed
+  checkpoint write reaches the user as the run's own error line, which Orbax's own lines
+  (four of about 400 characters on a full disk) would bury."""
 
   def filter(self, record):
+    if f'{os.sep}orbax{os.sep}' in record.pathname:
+      return False
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True
 
@@ -53,11 +58,11 @@ def _unraisable_in_one_line(unraisable) -> None:
 def run_reporting_errors(run, verbose: bool = False):
   """Returns `run()`; an error the user can act on ends the process with one line on
   stderr and its status: 2 bad input or a failed write, 3 a run stopped by non-finite
-  steps, 143 SIGTERM (checkpointed). `verbose` keeps tracebacks and INFO logs."""
+  steps, 143 SIGTERM (checkpointed). `verbose` keeps tracebacks, INFO logs and Orbax's."""
   if verbose:
     return run()
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint at INFO.
-  absl_logging.get_absl_handler().addFilter(_WithoutTraceback())
+  absl_logging.get_absl_handler().addFilter(_OneLineLogs())
   sys.unraisablehook = _unraisable_in_one_line
   try:
     return run()

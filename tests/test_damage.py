@@ -3,6 +3,7 @@ ends in the uninterrupted result or stops with one line (exit 2 on the command l
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def test_a_stage_with_most_steps_skipped_is_an_error(tmp_path):
 def _generator_stage(config, workdir, total):
   teacher = models.create_classifier('lenet5', 10)
   teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
-  state, step_fn = stages.generator_setup(config, models.Generator(), teacher)
+  generator = models.Generator(width=config.generator.width)
+  state, step_fn = stages.generator_setup(config, generator, teacher)
   state, _ = runner.run_stage('generator', config, str(workdir), parallel.DataParallel('none'),
                               state, {'teacher': teacher_vars}, step_fn, total,
                               metrics.MetricsLog(str(workdir)),
@@ -117,7 +119,7 @@ def _remove_metadata(path):
 @pytest.mark.parametrize('damage', [_truncate_files, _remove_metadata])
 def test_an_unreadable_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, capsys,
                                                                        damage):
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.checkpoint_every, config.log_every = 4, 2
   expected = _generator_stage(config, tmp_path / 'whole', 12)
 
@@ -258,10 +260,42 @@ _WITH_FILE_SIZE_LIMIT = ('import os, resource, signal, sys; '
 def test_a_failed_checkpoint_write_is_one_line_and_exit_2(mnist_data_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-c', _WITH_FILE_SIZE_LIMIT, '-m', 'rdskd_jax.main',
-       '--config=configs/mnist.py:smoke', f'--config.data_dir={mnist_data_dir}',
+       '--config=configs/mnist.py:tiny', f'--config.data_dir={mnist_data_dir}',
        f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: writing teacher checkpoints (by step 8) to {tmp_path}/checkpoints/teacher '
       'failed (File too large); fix that, then run the same command again to resume')
   assert 'Traceback' not in result.stderr
+
+
+def _can_mount_tmpfs():
+  """Whether this process may mount a tmpfs in a mount namespace of its own (root, with
+  unshare): then nothing outside sees it, and it goes away with the process."""
+  if os.geteuid() != 0 or shutil.which('unshare') is None:
+    return False
+  probe = subprocess.run(['unshare', '-m', 'sh', '-c', 'mount -t tmpfs -o size=1m tmpfs /mnt'],
+                         capture_output=True)
+  return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(),
+                    reason='a real full disk needs a small tmpfs: root and unshare -m (CI '
+                           'runs as root); the test above covers a failed write without one')
+def test_a_full_disk_is_one_line_and_exit_2(mnist_data_dir, tmp_path):
+  """A 1 MB tmpfs as the workdir fills during the teacher's checkpoints: exit 2 and the
+  run's own line, not Orbax's lines about the failed write (those are for --verbose)."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  result = subprocess.run(
+      ['unshare', '-m', 'sh', '-c', f'mount -t tmpfs -o size=1m tmpfs {disk} && exec "$@"',
+       'sh', sys.executable, '-m', 'rdskd_jax.main', '--config=configs/mnist.py:tiny',
+       f'--config.data_dir={mnist_data_dir}', f'--workdir={disk}/run'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1] == (f'error: writing teacher checkpoints to {disk}/run/checkpoints/teacher '
+                       'failed (No space left on device); the disk is full: free space, then '
+                       'run the same command again to resume')
+  assert not [line for line in lines[:-1] if 'No space left' in line or
+              'RESOURCE_EXHAUSTED' in line], lines[:-1]
