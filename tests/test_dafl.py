@@ -1,5 +1,5 @@
 """DAFL (config.method='dafl') and the DeepInversion BatchNorm prior: losses against
-hand-computed values, the prior's statistics, and DAFL end to end on the smoke preset."""
+hand-computed values, the prior's statistics, and DAFL end to end on the tiny preset."""
 
 import json
 import os
@@ -78,16 +78,16 @@ def test_bn_prior_compares_batch_and_running_statistics_of_each_layer_input():
   assert float(none) == 0.0
 
 
-def test_bn_prior_needs_a_batchnorm_teacher(smoke_config, tmp_path):
-  smoke_config.generator.bn_prior_weight = 0.5
+def test_bn_prior_needs_a_batchnorm_teacher(tiny_config, tmp_path):
+  tiny_config.generator.bn_prior_weight = 0.5
   with pytest.raises(config_lib.ConfigError, match=r"bn_prior_weight=0.5: expected 0 for "
                                                    r"teacher 'lenet5'"):
-    train.train_and_evaluate(smoke_config, str(tmp_path))
+    train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
-def test_dafl_smoke_end_to_end(smoke_config, tmp_path):
-  config = smoke_config
-  config.method = 'dafl'
+def test_dafl_tiny_end_to_end(tiny_config, tmp_path):
+  config = tiny_config
+  config.method, config.figures = 'dafl', True
   assert (config.dafl.alpha, config.dafl.beta, config.dafl.generator_learning_rate,
           mnist.get_config().dafl.steps) == (0.1, 5.0, 0.2, 200 * 120)
   report = train.train_and_evaluate(config, str(tmp_path))

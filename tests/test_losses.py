@@ -24,11 +24,17 @@ def _rel(a, b):
 
 
 def _values(golden, case, dtype):
+  """Every loss and gradient of a case, computed as one compiled program (op by op, each
+  operation would compile on its own, the slower way to the same values)."""
   g = lambda name: jnp.asarray(golden[f'{case}/{name}'], dtype)
-  x, t, s, prev = g('images'), g('teacher_logits'), g('student_logits'), g('prev')
+  return jax.jit(_losses)(g('images'), g('teacher_logits'), g('student_logits'), g('prev'),
+                          g('temperature'))
+
+
+def _losses(x, t, s, prev, temperature):
   total = lambda x, t: losses.rdskd_generator_loss(x, t, prev[0], prev[1])[0]
   grad_x, grad_t = jax.grad(total, (0, 1))(x, t)
-  kd = lambda s: losses.kd_loss(s, t, g('temperature'))
+  kd = lambda s: losses.kd_loss(s, t, temperature)
   return {
       'one_hot': losses.one_hot_loss(t),
       'information_entropy': losses.information_entropy_loss(t),

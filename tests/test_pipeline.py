@@ -9,8 +9,11 @@ import pytest
 from configs import mnist
 from rdskd_jax import config_lib, train
 
+# One worker runs the whole file (pytest-xdist): its tests share the smoke_run fixture.
+pytestmark = pytest.mark.xdist_group('test_pipeline')
 
-@pytest.fixture(scope='module')
+
+@pytest.fixture(scope='session')  # Kept while other files' tests run between.
 def smoke_run(tmp_path_factory, mnist_data_dir):
   config = mnist.get_config('smoke')
   config.data_dir = mnist_data_dir
@@ -98,7 +101,8 @@ def test_rerun_resumes_and_changes_nothing(smoke_run):
 
 
 def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir):
-  """The default preset unchanged but for step counts (and a slice of train data)."""
+  """The default preset unchanged but for step counts (and a slice of train data), with
+  light reporting (the smoke run above checks it)."""
   config = mnist.get_config()
   config.data_dir = mnist_data_dir
   config.teacher.max_train_examples = 2 * config.teacher.batch_size
@@ -106,6 +110,8 @@ def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir):
   config.generator.steps = 2
   config.student.steps = 2
   config.log_every = 1
+  config.test_examples, config.figures = 1000, False
+  config.diagnostic_samples = config.student.agreement_samples = 512
   report = train.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['step'] for r in rows if r['stage'] == 'generator'] == [1, 2]
@@ -119,6 +125,7 @@ def test_teacher_checkpoint_is_reused_without_training(smoke_run, tmp_path):
   config.teacher.checkpoint = os.path.join(workdir, 'teacher_variables')
   config.generator.steps = 1
   config.student.steps = 1
+  config.generator.width, config.figures = 1 / 16, False
   reused = train.train_and_evaluate(config, str(tmp_path))
   assert reused['teacher']['test_accuracy'] == report['teacher']['test_accuracy']
   assert reused['teacher']['checkpoint'] == config.teacher.checkpoint

@@ -11,6 +11,9 @@ import pytest
 
 from rdskd_jax import config_lib, sweep
 
+# One worker runs the whole file (pytest-xdist): its tests share the sweeps fixture.
+pytestmark = pytest.mark.xdist_group('test_sweep')
+
 # One setting off the config's learning rate (1e-3), so every run scales its updates.
 GRID = 'generator.learning_rate=2e-3'
 
@@ -40,14 +43,14 @@ def test_runs_group_by_shape():
   assert len({sweep.group_key(c) for _, _, c in runs}) == 2  # One per batch size.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Kept while other files' tests run between.
 def sweeps(tmp_path_factory, mnist_data_dir):
   """2 seeds, vmapped and one by one, in float64 compute: float32
   rounding differs between a batched and a single program, and Adam, which divides by
   the gradient's running magnitude, amplifies it in near-zero parameters (up to 1e-4
   after 6 steps); float64 separates that from a real difference."""
   from configs import mnist
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.data_dir = mnist_data_dir
   config.dtype = 'float64'
   root = tmp_path_factory.mktemp('sweep')
@@ -133,7 +136,7 @@ def test_finished_runs_copied_elsewhere_are_not_run_again(sweeps, tmp_path):
   content = json.load(open(report_1))
   content['teacher']['fingerprint'] = 'another teacher'
   json.dump(content, open(report_1, 'w'))
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.data_dir, config.dtype = looped['config']['data_dir'], 'float64'
   config.teacher.checkpoint = str(teacher)
   with jax.enable_x64(True):

@@ -1,7 +1,7 @@
 """DeepInversion (Yin et al. 2020) and ZSKD (Nayak et al. 2019), the methods without a
 generator: gradients with respect to each device's inputs as on one device, what their
 steps synthesise and train, one step on 2 devices (pmap, shard_map) against one in
-float64, the smoke presets end to end on real MNIST, and resume after SIGKILL. Their loss
+float64, the tiny presets end to end on real MNIST, and resume after SIGKILL. Their loss
 terms by hand: tests/test_inversion_losses.py."""
 
 import functools
@@ -24,7 +24,7 @@ import test_reliability
 
 
 def _deepinversion(data_dir='', method='deepinversion', **fields):
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.data_dir, config.method = data_dir, method
   for field, value in fields.items():
     parent, _, name = field.rpartition('.')
@@ -200,8 +200,8 @@ def test_zskd_distils_on_augmented_impressions():
 
 
 @pytest.mark.parametrize('method', ['deepinversion', 'zskd'])
-def test_smoke_end_to_end(mnist_data_dir, tmp_path, method):
-  config = _deepinversion(mnist_data_dir, method)
+def test_tiny_end_to_end(mnist_data_dir, tmp_path, method):
+  config = _deepinversion(mnist_data_dir, method, figures=True)
   report = train.train_and_evaluate(config, str(tmp_path))
   batches, batch = config[method].steps, config[method].batch_size
   stage_steps = batches * (2 if method == 'zskd' else 1)

@@ -181,7 +181,7 @@ def forbid_real_data(monkeypatch):
 
 def no_data_config(**fields):
   from configs import mnist
-  config = mnist.get_config('smoke')
+  config = mnist.get_config('tiny')
   config.dataset, config.num_classes, config.channels = '', 10, 1
   config.data_dir = '/nonexistent'
   for field, value in fields.items():
@@ -191,7 +191,7 @@ def no_data_config(**fields):
 
 def test_a_run_without_a_dataset_reads_no_real_data(tmp_path, monkeypatch):
   forbid_real_data(monkeypatch)
-  config = no_data_config()
+  config = no_data_config(figures=True)
   config.teacher.checkpoint = fixture('lenet5')
   report = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'test_accuracy' not in report['teacher'] and 'test_accuracy' not in report['student']
@@ -202,17 +202,17 @@ def test_a_run_without_a_dataset_reads_no_real_data(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'run' / 'normalization.json')
 
 
-def test_an_outside_teacher_reads_only_the_test_split(tmp_path, monkeypatch, smoke_config):
+def test_an_outside_teacher_reads_only_the_test_split(tmp_path, monkeypatch, tiny_config):
   splits = []
   read = data._read_split
   monkeypatch.setattr(data, '_read_split', lambda c, split: splits.append(split) or read(c, split))
-  smoke_config.teacher.checkpoint = fixture('lenet5')
-  report = train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  tiny_config.teacher.checkpoint = fixture('lenet5')
+  report = train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
   assert splits and all(s.startswith('test') for s in splits), splits
   assert 0 <= report['teacher']['test_accuracy'] <= 1
-  smoke_config.mean = smoke_config.std = ()
+  tiny_config.mean = tiny_config.std = ()
   with pytest.raises(ConfigError, match='a teacher from outside reads no train split'):
-    train.train_and_evaluate(smoke_config, str(tmp_path / 'other'))
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'other'))
 
 
 class TinyTeacher(nn.Module):

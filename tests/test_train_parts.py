@@ -45,7 +45,7 @@ def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
 
 
 def _student_steps(config, mode, devices, steps=2):
-  """The student's state after `steps` steps on the smoke networks, from a fresh generator
+  """The student's state after `steps` steps on the tiny networks, from a fresh generator
   whose running BatchNorm statistics are far from any batch's."""
   teacher, generator, student = stages.build_networks(config, 10, 1)
   gen_state, _ = stages.generator_setup(config, generator, teacher)
@@ -67,7 +67,7 @@ def test_generator_batch_statistics_are_global_under_data_parallelism():
   the one-device step (float64 compute). It is a different step from 'running'."""
   from configs import mnist
   with jax.enable_x64(True):
-    config = mnist.get_config('smoke')
+    config = mnist.get_config('tiny')
     config.dtype = 'float64'
     config.student.generator_batchnorm = 'batch'
     one, kd_one = _student_steps(config, 'none', 1)
