@@ -3,11 +3,14 @@
 #   bash benchmarks/gpu_paper.sh OUT             # on the device
 #   SMOKE=1 bash benchmarks/gpu_paper.sh OUT     # anywhere: the tiny preset, for the tests
 # In order, each part running even if an earlier one failed (its exit status and seconds
-# are in OUT/parts.jsonl):
-#   1. rdskd_f32:  the paper preset, float32, one device; the student's test accuracy
+# are in OUT/parts.jsonl), each stopped by SIGTERM at its limit (it checkpoints, and its
+# metrics.jsonl says how far it got):
+#   1. rdskd_f32:  the paper preset as the paper runs it (every student batch fresh,
+#                  student.reuse=1), float32, one device; the student's test accuracy
 #                  logged every 6,000 steps (reporting only). Trains the teacher.
-#   2. dafl:       DAFL's paper preset (24,000 joint steps) on that teacher.
-#   3. rdskd_bf16: the paper preset in bfloat16 on that teacher, with the time left.
+#   2. rdskd_bank: the same student budget with the bank (student.reuse=$REUSE, 16 by
+#                  default), on part 1's teacher and generator (generator.checkpoint).
+#   3. dafl:       DAFL's paper preset (24,000 joint steps) on that teacher, in the time left.
 # OUT gets env.txt, parts.jsonl and results.tar.gz (each part's report.json,
 # metrics.jsonl, samples.png, curves.png and log), within the device tool's file limits.
 # The environment needs JAX, Flax, Optax, Orbax, chex and ml_collections, and MNIST in
@@ -19,10 +22,11 @@ out=${1:?usage: bash benchmarks/gpu_paper.sh OUT}
 mkdir -p "$out"
 work=${WORK:-/tmp/gpu_paper}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+reuse=${REUSE:-16}
 if [ -n "${SMOKE:-}" ]; then
-  preset=':tiny'; eval_every=3; limits=(120 120 120)
+  preset=':tiny'; eval_every=3; limits=(120 120 120); reuse=4
 else
-  preset=''; eval_every=6000; limits=(330 150 60)  # Seconds: 9 minutes in all.
+  preset=''; eval_every=6000; limits=(300 180 60)  # Seconds: 9 minutes in all.
 fi
 python=${PYTHON:-python3}
 {
@@ -46,9 +50,10 @@ rm -rf "$work" && mkdir -p "$work"
 : > "$out/parts.jsonl"
 teacher="$work/rdskd_f32/teacher_variables"
 part rdskd_f32 "${limits[0]}" --config.parallel=none --config.student.eval_every=$eval_every
-part dafl "${limits[1]}" --config.parallel=none --config.method=dafl \
-    --config.student.eval_every=$eval_every --config.teacher.checkpoint="$teacher"
-part rdskd_bf16 "${limits[2]}" --config.parallel=none --config.dtype=bfloat16 \
+part rdskd_bank "${limits[1]}" --config.parallel=none --config.student.eval_every=$eval_every \
+    --config.student.reuse="$reuse" --config.teacher.checkpoint="$teacher" \
+    --config.generator.checkpoint="$work/rdskd_f32/generator_variables"
+part dafl "${limits[2]}" --config.parallel=none --config.method=dafl \
     --config.student.eval_every=$eval_every --config.teacher.checkpoint="$teacher"
 
 (cd "$work" && tar czf "$out/results.tar.gz" --ignore-failed-read \

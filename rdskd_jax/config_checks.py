@@ -204,5 +204,43 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
              'an even number (the diversity loss pairs two halves)')
     _require(batch % (2 * num_devices) == 0, f'{stage}.batch_size', batch,
              f'a multiple of 2 x {num_devices} devices (each device holds a slice of both halves)')
+  _check_bank(config, num_devices)
   _require(config.teacher.batch_size % num_devices == 0, 'teacher.batch_size',
            config.teacher.batch_size, f'a multiple of the {num_devices} devices')
+
+
+def _check_bank(config, num_devices: int) -> None:
+  """The student's bank (student.reuse, student.bank_size) and a reused generator
+  (generator.checkpoint): both serve the student stage of RDSKD's pipeline."""
+  scfg = config.student
+  reuse, size, batch = scfg.reuse, scfg.bank_size, scfg.batch_size
+  _require(isinstance(reuse, int) and not isinstance(reuse, bool) and reuse >= 1,
+           'student.reuse', reuse, '1 (every image fresh) or more uses of each image')
+  _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+           'student.bank_size', size, '0 (16 batches) or a count of images')
+  _require(isinstance(config.generator.checkpoint, str), 'generator.checkpoint',
+           config.generator.checkpoint, "a generator_variables directory, or '' (train one)")
+  if config.method != 'rdskd':
+    _require(reuse == 1, 'student.reuse', reuse,
+             f"1 with method {config.method!r} (the bank serves RDSKD's student stage)")
+    _require(not config.generator.checkpoint, 'generator.checkpoint',
+             config.generator.checkpoint,
+             f"'' with method {config.method!r}, which trains its own generator or none")
+  if reuse == 1:
+    return
+  _require(batch % reuse == 0, 'student.reuse', reuse,
+           f'a divisor of student.batch_size={batch} (the fresh images of a step, '
+           'batch_size/reuse, are a whole number)')
+  fresh = batch // reuse
+  _require(fresh % num_devices == 0, 'student.reuse', reuse,
+           f'a value leaving student.batch_size/reuse={fresh} fresh images a step divisible '
+           f'among the {num_devices} devices')
+  _require(scfg.generator_batchnorm == 'running', 'student.generator_batchnorm',
+           scfg.generator_batchnorm, "'running' with student.reuse > 1 (the bank stores each "
+           "image's logits, which in 'batch' mode would depend on the batch it came in)")
+  effective = size or 16 * batch
+  _require(effective >= batch, 'student.bank_size', size,
+           f'at least a batch, student.batch_size={batch} images (or 0: 16 batches)')
+  _require(effective % fresh == 0, 'student.bank_size', size,
+           f'a multiple of the {fresh} fresh images of a step (student.batch_size/reuse), '
+           'which the bank takes a block at a time')

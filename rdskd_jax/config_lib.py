@@ -81,6 +81,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.generator.decay_epochs = ()     # In units of epoch_length steps.
   c.generator.decay_factor = 0.1
   c.generator.subpixel = True       # Exact sub-pixel form of upsample+conv (faster, same function).
+  c.generator.checkpoint = ''       # A trained generator: the generator_variables directory of
+                                    #   an earlier run with the same teacher, whose generator
+                                    #   stage this run skips; empty: train one.
   c.generator.bn_prior_weight = 0.0  # Weight of the BatchNorm-statistics prior (DeepInversion)
                                     #   in the generator loss; needs a BatchNorm teacher.
 
@@ -102,6 +105,11 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # student stage: 'running' statistics (inference mode, the authors' code) or each 'batch''s
   # own (as in the generator's training and DAFL's student updates). generated_agreement,
   # the diagnostics and samples.png sample the same way.
+  c.student.reuse = 1               # Uses of each generated image, on average. 1: a fresh batch
+  # every step (the authors'). R > 1: batch_size/R fresh images a step, the rest of the batch
+  # drawn from a bank of earlier ones with the teacher's logits stored beside them (exact:
+  # both networks are frozen and in inference mode); needs generator_batchnorm 'running'.
+  c.student.bank_size = 0           # Images in the bank when reuse > 1; 0: 16 batches.
   c.student.eval_every = 0          # Log test accuracy every N steps (reporting only); 0: never.
   c.student.agreement_samples = 4096  # Generated samples for report's generated_agreement.
 

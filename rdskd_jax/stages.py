@@ -212,17 +212,52 @@ def synthesis_setup(config, channels: int, num_classes: int, teacher, student):
   return state, step_fn
 
 
+def bank_size(config) -> int:
+  """Images in the student's bank: config.student.bank_size, 0: 16 batches; none when
+  student.reuse is 1 (every step's batch fresh)."""
+  scfg = config.student
+  if scfg.reuse == 1:
+    return 0
+  return scfg.bank_size or 16 * scfg.batch_size
+
+
 def student_setup(config, channels: int, generator, teacher, student):
   """The student's initial train state and its per-device step (generator and teacher
-  frozen)."""
+  frozen). With student.reuse > 1 the state holds the bank, empty until `bank_fill`'s
+  function fills it before step 0."""
   scfg = config.student
   params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
                                         (config.image_size, config.image_size, channels))
   tx = train_steps.optimizer(scfg, scfg.steps, scfg.epoch_length)
   state = train_steps.new_train_state(params, tx, **collections)
-  step_fn = functools.partial(train_steps.student_step, generator=generator, teacher=teacher,
-                              student=student, tx=tx, batch_size=scfg.batch_size,
-                              latent_dim=config.generator.latent_dim,
-                              temperature=scfg.temperature,
-                              generator_batchnorm=scfg.generator_batchnorm)
-  return state, step_fn
+  common = dict(generator=generator, teacher=teacher, student=student, tx=tx,
+                batch_size=scfg.batch_size, latent_dim=config.generator.latent_dim,
+                temperature=scfg.temperature)
+  if scfg.reuse == 1:
+    return state, functools.partial(train_steps.student_step, **common,
+                                    generator_batchnorm=scfg.generator_batchnorm)
+  # The networks' outputs: float32 under bfloat16 compute too (models.py).
+  size, dtype = bank_size(config), jnp.promote_types(jnp.float32, models.DTYPES[config.dtype])
+  state['bank'] = {
+      'images': jnp.zeros((size, config.image_size, config.image_size, channels), dtype),
+      'logits': jnp.zeros((size, _classes(config, channels, student)), dtype)}
+  return state, functools.partial(train_steps.bank_student_step, **common, reuse=scfg.reuse)
+
+
+def _classes(config, channels: int, classifier) -> int:
+  """The number of a classifier's logits, the teacher's too (traced, not run)."""
+  image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, channels),
+                               jnp.float32)
+  variables = jax.eval_shape(classifier.init, jax.random.key(0), image)
+  return jax.eval_shape(lambda v, x: classifier.apply(v, x, train=False)[0], variables,
+                        image).shape[-1]
+
+
+def bank_fill(config, generator, teacher):
+  """The per-device function that fills the student's bank before step 0
+  (train_steps.fill_bank), or None without a bank."""
+  if config.student.reuse == 1:
+    return None
+  return functools.partial(train_steps.fill_bank, generator=generator, teacher=teacher,
+                           latent_dim=config.generator.latent_dim,
+                           fresh=config.student.batch_size // config.student.reuse)

@@ -154,13 +154,14 @@ def _with_lr(state, config, stage):
 
 
 def _run_group_stage(stage, configs, workdir, states, frozen, frozen_axes, step_fn, total,
-                     log):
+                     log, first_fn=None):
   """One stage for a group of runs at once (the stage runner with their states stacked),
   resuming from the group's checkpoints; returns (stacked host state, seconds)."""
   keys = jnp.stack([stages.stage_key(c, stage) for c in configs])
   return runner.run_stage(stage, configs[0], workdir, parallel.RunBatch(len(configs),
                                                                         frozen_axes),
-                          _stack(states), frozen, step_fn, total, log, keys)
+                          _stack(states), frozen, step_fn, total, log, keys,
+                          first_fn=first_fn)
 
 
 def prepare_group_workdir(configs, workdir: str) -> None:
@@ -211,7 +212,8 @@ def run_group(configs, workdir, teacher, generator, student, teacher_vars, chann
     states = [_with_lr(s, c, 'student') for (s, _), c in zip(setups, configs)]
     state, seconds['student'] = _run_group_stage(
         'student', configs, workdir, states, dict(frozen, generator=gen_vars),
-        {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps, log)
+        {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps, log,
+        first_fn=stages.bank_fill(configs[0], generator, teacher))
     student_vars = train_steps.variables_of(state)
   results = []
   for r, config in enumerate(configs):
@@ -242,6 +244,11 @@ def run_cost(config, seconds: float, whose: str) -> Dict[str, Any]:
   else:
     generator = config.generator.steps * config.generator.batch_size
     student = config.student.steps * config.student.batch_size
+    if config.student.reuse > 1:  # The batches' images, of which 1/reuse were fresh.
+      return {'training_seconds': float(seconds), 'seconds_are': whose,
+              'generator_samples': generator, 'student_samples': student,
+              'student_fresh_samples': student // config.student.reuse
+              + stages.bank_size(config)}
   return {'training_seconds': float(seconds), 'seconds_are': whose,
           'generator_samples': generator, 'student_samples': student}
 
@@ -309,6 +316,10 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
   if vmap and config.method in stages.SYNTHESIS_METHODS:
     raise ConfigError(f'config.method={config.method!r} with --vmap: expected --novmap (its '
                       'runs are run one by one; vmapped groups are for generator methods)')
+  if vmap and config.generator.checkpoint:
+    raise ConfigError(f'config.generator.checkpoint={config.generator.checkpoint!r} with '
+                      "--vmap: expected '' (a vmapped group trains its generators; --novmap "
+                      'runs each through the pipeline, which reads it)')
   config = copy.deepcopy(config)
   config.parallel = 'none'  # One device; the runs themselves are the batch axis.
   runs = run_configs(config, seeds, grid)

@@ -193,10 +193,10 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
     """Reporting only: the student's accuracy on the test split."""
     return test_accuracy(student, train_steps.variables_of(student_state))
 
-  def stage(name, state, frozen, step_fn, total, report_fn, report_every):
+  def stage(name, state, frozen, step_fn, total, report_fn, report_every, first_fn=None):
     return runner.run_stage(name, config, workdir, par, state, frozen, step_fn, total, log,
                             stages.stage_key(config, name), report_every=report_every,
-                            report_fn=report_fn)
+                            report_fn=report_fn, first_fn=first_fn)
 
   frozen = {'teacher': teacher_vars}
   if config.method in stages.SYNTHESIS_METHODS:
@@ -220,13 +220,12 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
       report.add('generator', {'steps': student_steps, 'seconds': student_seconds,
                                'trained_with': 'student'})
     else:
-      state, step_fn = stages.generator_setup(config, generator, teacher)
-      state, seconds = stage('generator', state, frozen, step_fn, gcfg.steps, watch_generator,
-                             config.image_every)
+      gen_vars, gen_report, seconds = _generator(config, workdir, report, stage, frozen,
+                                                 generator, teacher, channels,
+                                                 teacher_report['fingerprint'],
+                                                 watch_generator)
       stage_seconds += seconds
-      gen_vars = train_steps.variables_of(state)
-      report.add('generator', {'steps': gcfg.steps,
-                               'seconds': report.total_seconds('generator', seconds)})
+      report.add('generator', gen_report)
     if 'diagnostics' not in report.content:  # Once per trained generator; reporting only.
       values = diagnostics.generator_diagnostics(
           generator, gen_vars, teacher, teacher_vars, gcfg.latent_dim, watch_key,
@@ -238,7 +237,8 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
     if not joint:
       state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
       state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
-                             config.student.steps, student_accuracy, config.student.eval_every)
+                             config.student.steps, student_accuracy, config.student.eval_every,
+                             first_fn=stages.bank_fill(config, generator, teacher))
       stage_seconds += seconds
       student_vars = train_steps.variables_of(state)
       student_steps = config.student.steps
@@ -250,7 +250,8 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
         **evaluation.sampling(config))
     accuracy = test_accuracy(student, student_vars)
     report.add('student', {'steps': student_steps, **accuracy,
-                           'generated_agreement': agreement, 'seconds': student_seconds})
+                           'generated_agreement': agreement, 'seconds': student_seconds,
+                           **({} if joint else _bank_report(config, state))})
     metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
                 f'[student] agreement with the teacher on generated samples {agreement:.4f}')
 
@@ -264,6 +265,48 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
   report.add('timing', {'call_seconds': wall, 'stage_loop_seconds': stage_seconds,
                         'outside_stage_loops_seconds': wall - stage_seconds})
   return report.content
+
+
+def _generator(config, workdir, report, stage, frozen, generator, teacher, channels,
+               teacher_fingerprint, watch_generator):
+  """The frozen generator of the student stage: from config.generator.checkpoint (its
+  stage skipped), else trained (or resumed) here and saved alone in
+  `<workdir>/generator_variables`. Returns (variables, report entries, loop seconds)."""
+  gcfg = config.generator
+  if gcfg.checkpoint:
+    gen_vars, record = workdir_lib.restore_generator(config, generator, channels,
+                                                     teacher_fingerprint)
+    entries = {'checkpoint': os.path.abspath(gcfg.checkpoint), 'steps': record['steps'],
+               'seconds': 0.0}
+    seconds = 0.0
+  else:
+    state, step_fn = stages.generator_setup(config, generator, teacher)
+    state, seconds = stage('generator', state, frozen, step_fn, gcfg.steps, watch_generator,
+                           config.image_every)
+    gen_vars = train_steps.variables_of(state)
+    workdir_lib.save_generator_variables(workdir, gen_vars, {
+        'teacher_fingerprint': teacher_fingerprint, 'steps': gcfg.steps,
+        'shape': {'latent_dim': gcfg.latent_dim, 'width': gcfg.width,
+                  'subpixel': gcfg.subpixel, 'image_size': config.image_size,
+                  'channels': channels}})
+    entries = {'steps': gcfg.steps, 'seconds': report.total_seconds('generator', seconds)}
+  entries['fingerprint'] = teacher_lib.fingerprint(gen_vars)
+  saved = report.content.get('generator', {}).get('fingerprint')
+  if saved and saved != entries['fingerprint']:
+    raise ConfigError(f'{workdir} was run with another generator (fingerprint {saved}, this '
+                      f"one {entries['fingerprint']}); give it the same generator, or "
+                      'another workdir')
+  return gen_vars, entries, seconds
+
+
+def _bank_report(config, state):
+  """What report.json says of the student's samples: their reuse, and the bank's images
+  and bytes (images and the teacher's logits; every device holds the whole bank, and
+  every checkpoint of the stage too)."""
+  bank = state.get('bank')
+  return {'reuse': config.student.reuse, 'bank_size': stages.bank_size(config),
+          'bank_bytes': 0 if bank is None else int(sum(np.asarray(x).nbytes
+                                                       for x in jax.tree.leaves(bank)))}
 
 
 def _synthesis_method(config, workdir, report, log, stage, frozen, channels, num_classes,

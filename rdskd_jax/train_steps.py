@@ -242,6 +242,69 @@ def student_step(state, frozen, root_key, *, generator, teacher, student, tx, ba
   return state, {'kd': loss}
 
 
+def labelled_samples(key, count, frozen, *, generator, teacher, latent_dim, axis_name):
+  """This device's rows of `count` fresh samples of the frozen generator in inference mode
+  (each sample independent of the others), drawn from `key` alike on every device, and
+  the frozen teacher's logits on them."""
+  z = _global_slice(jax.random.normal(key, (count, latent_dim)), axis_name)
+  images = generator.apply(frozen['generator'], z, train=False)
+  logits, _ = teacher.apply(frozen['teacher'], images, train=False)
+  return images, logits
+
+
+def fill_bank(state, frozen, root_key, *, generator, teacher, latent_dim, fresh, axis_name):
+  """The student's state with its bank (`state['bank']`: images and the teacher's logits)
+  filled, block by block of `fresh` images: block k holds the samples of key
+  fold_in(fold_in(root_key, k), 2), a stream no step draws from. Each device makes its
+  share of every block; every device keeps the whole bank. Run once, before step 0."""
+  bank = state['bank']
+  blocks = bank['images'].shape[0] // fresh
+
+  def block(k):
+    new = labelled_samples(jax.random.fold_in(jax.random.fold_in(root_key, k), 2), fresh,
+                           frozen, generator=generator, teacher=teacher,
+                           latent_dim=latent_dim, axis_name=axis_name)
+    return tuple(_gather_rows(x, axis_name) for x in new)
+
+  images, logits = jax.lax.map(block, jnp.arange(blocks))
+  filled = {'images': images.reshape(bank['images'].shape),
+            'logits': logits.reshape(bank['logits'].shape)}
+  return dict(state, bank=_same_dtypes(filled, bank)), {}
+
+
+def bank_student_step(state, frozen, root_key, *, generator, teacher, student, tx, batch_size,
+                      reuse, latent_dim, temperature, axis_name):
+  """One KD step of the student on a batch of which 1/`reuse` is fresh samples of the
+  frozen generator and the rest is drawn from the bank of earlier ones, the teacher's
+  logits on each stored beside it when it was made (both networks are frozen and in
+  inference mode, so they are the logits a fresh pass would give).
+
+  The bank is a ring of blocks of batch_size/reuse images: the step's fresh block
+  replaces the oldest after the step, so an image stays for bank/fresh steps and is drawn
+  reuse - 1 times on average besides its fresh use. The draw is of global rows from a key
+  of the step, each device taking its rows of the global batch, so it does not depend on
+  the number of devices; the fresh images divide among the devices.
+  """
+  key = jax.random.fold_in(root_key, state['step'])
+  fresh = batch_size // reuse
+  bank = state['bank']
+  size = bank['images'].shape[0]
+  images, logits = labelled_samples(jax.random.fold_in(key, 0), fresh, frozen,
+                                    generator=generator, teacher=teacher,
+                                    latent_dim=latent_dim, axis_name=axis_name)
+  new = _same_dtypes({'images': images, 'logits': logits}, bank)
+  take = _global_slice(jax.random.randint(jax.random.fold_in(key, 1), (batch_size - fresh,),
+                                          0, size), axis_name)
+  batch = jax.tree.map(lambda n, b: jnp.concatenate([n, b[take]]), new, bank)
+  s_state = {k: v for k, v in state.items() if k != 'bank'}
+  s_state, loss = kd_update(s_state, batch['images'], batch['logits'], student=student.clone(
+      axis_name=axis_name), tx=tx, temperature=temperature, axis_name=axis_name)
+  slot = (state['step'] % (size // fresh)) * fresh
+  bank = jax.tree.map(lambda b, n: jax.lax.dynamic_update_slice_in_dim(
+      b, _gather_rows(n, axis_name), slot, 0), bank, new)
+  return dict(s_state, bank=bank), {'kd': loss}
+
+
 def dafl_step(state, frozen, root_key, *, generator, teacher, student, tx_generator,
               tx_student, batch_size, latent_dim, alpha, beta, temperature, axis_name,
               bn_prior_weight=0.0):

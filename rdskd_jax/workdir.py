@@ -5,6 +5,8 @@ report.json, and `load_run`, which restores a finished (or partly finished) run.
     W/report.json           accuracies, seconds, diagnostics (written as stages finish)
     W/checkpoints/<stage>/  the latest two train states of each stage (Orbax)
     W/teacher_variables/    the trained teacher alone, for another run's teacher.checkpoint
+    W/generator_variables/  the trained generator alone (and rdskd.json: the teacher it was
+                            trained against), for another run's generator.checkpoint
 """
 
 import errno
@@ -132,14 +134,73 @@ def restore_teacher(config, model, channels: int):
   return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
 
 
-def save_variables(path: str, variables) -> None:
+def save_variables(path: str, variables, what: str = 'the teacher variables') -> None:
   """Orbax checkpoint of a variables tree at `path` (a new directory)."""
   checkpointer = ocp.StandardCheckpointer()
   try:
     checkpointer.save(os.path.abspath(path), variables)
     checkpointer.wait_until_finished()
   except (OSError, ValueError) as e:  # Orbax reports failed writes as ValueError.
-    raise storage_error('the teacher variables', path, e) from None
+    raise storage_error(what, path, e) from None
+
+
+GENERATOR_RECORD = 'rdskd.json'  # Inside generator_variables/: what the generator is.
+
+
+def save_generator_variables(workdir: str, variables, record: Dict[str, Any]) -> None:
+  """`<workdir>/generator_variables` with `record` (the teacher's fingerprint, the
+  generator's shape fields, its steps) beside the arrays, unless a previous run of the
+  workdir saved it. Written last, the record marks the directory complete."""
+  path = os.path.join(os.path.abspath(workdir), 'generator_variables')
+  done = os.path.exists(os.path.join(path, GENERATOR_RECORD))
+  if jax.process_count() > 1:
+    done = bool(multihost_utils.broadcast_one_to_all(np.array(done)))
+  if done:
+    return
+  if os.path.exists(path) and parallel.is_main_process():  # An interrupted save.
+    shutil.rmtree(path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('generator_variables cleared')
+  save_variables(path, variables, 'the generator variables')
+  try:
+    write_json_atomic(os.path.join(path, GENERATOR_RECORD), record)
+  except OSError as e:
+    raise storage_error('the generator variables', path, e) from None
+
+
+def restore_generator(config, generator, channels: int, teacher_fingerprint: str):
+  """(variables, record) of the generator at `config.generator.checkpoint`, which must
+  have been trained against the teacher of `teacher_fingerprint` and fit this run's
+  generator settings; each refusal one ConfigError line."""
+  given = config.generator.checkpoint
+  path = os.path.abspath(given)
+  field = f'config.generator.checkpoint={given!r}'
+  if not os.path.isfile(os.path.join(path, GENERATOR_RECORD)):
+    raise ConfigError(f'{field}: no generator there (expected the generator_variables '
+                      'directory of an earlier run, written when its generator stage ended)')
+  record = read_json(os.path.join(path, GENERATOR_RECORD), 'train the generator again')
+  if record.get('teacher_fingerprint') != teacher_fingerprint:
+    raise ConfigError(
+        f"{field}: trained against another teacher (fingerprint "
+        f"{record.get('teacher_fingerprint')}, this run's {teacher_fingerprint}); give this run "
+        "that generator's teacher (config.teacher.checkpoint), or train a generator")
+  shape = {'latent_dim': config.generator.latent_dim, 'width': config.generator.width,
+           'subpixel': config.generator.subpixel, 'image_size': config.image_size,
+           'channels': channels}
+  saved = {k: record.get('shape', {}).get(k) for k in shape}
+  if saved != shape:
+    differ = ', '.join(f'{k} {saved[k]} there, {v} here' for k, v in shape.items()
+                       if saved[k] != v)
+    raise ConfigError(f'{field}: a generator of other settings ({differ}); give this run '
+                      'the same settings, or train a generator')
+  template = generator.init(jax.random.key(0), jnp.zeros((2, config.generator.latent_dim)))
+  try:
+    restored = ocp.StandardCheckpointer().restore(
+        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
+  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+    raise ConfigError(f'{field}: not a readable generator checkpoint '
+                      f'({type(e).__name__})') from None
+  return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored)), record
 
 
 def save_teacher_variables(workdir: str, variables) -> None:
@@ -167,7 +228,8 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
 # report.json without one stands for that value.
 FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running', 'num_classes': 0,
                       'channels': 0, 'steps_per_call': 0, 'teacher.width': 1.0,
-                      'generator.width': 1.0, 'student.width': 1.0}
+                      'generator.width': 1.0, 'student.width': 1.0, 'student.reuse': 1,
+                      'student.bank_size': 0, 'generator.checkpoint': ''}
 
 
 def with_fields_added_later(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -343,11 +405,16 @@ def load_run(workdir: str, teacher=None) -> Run:
     generator_state, student_state = (None, None) if joint is None else (
         joint['generator'], joint['student'])
   else:
-    generator_state = latest('generator', stages.generator_setup(config, generator, teacher)[0])
+    generator_state = (None if config.generator.checkpoint else
+                       latest('generator', stages.generator_setup(config, generator, teacher)[0]))
     student_state = latest('student', stages.student_setup(config, fields['channels'], generator,
                                                     teacher, student)[0])
-  if generator_state is None:
+  if config.generator.checkpoint:
+    generator_vars, _ = restore_generator(config, generator, fields['channels'],
+                                          teacher_lib.fingerprint(teacher_vars))
+  elif generator_state is None:
     raise RunStopped(f'{workdir!r} has no generator checkpoint yet')
-  generator_vars = train_steps.variables_of(generator_state)
+  else:
+    generator_vars = train_steps.variables_of(generator_state)
   student_vars = None if student_state is None else train_steps.variables_of(student_state)
   return Run(config, teacher, teacher_vars, generator, generator_vars, student, student_vars)

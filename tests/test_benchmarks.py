@@ -55,13 +55,15 @@ def test_the_gpu_paper_script_runs_its_three_parts_in_smoke_mode(mnist_data_dir,
   assert result.returncode == 0, result.stderr[-2000:]
   parts = [json.loads(line) for line in open(out / 'parts.jsonl')]
   assert [(p['part'], p['exit']) for p in parts] == [
-      ('rdskd_f32', 0), ('dafl', 0), ('rdskd_bf16', 0)], open(work / 'dafl.log').read()[-2000:]
+      ('rdskd_f32', 0), ('rdskd_bank', 0), ('dafl', 0)], (
+          open(work / 'rdskd_bank.log').read()[-2000:])
   with tarfile.open(out / 'results.tar.gz') as tar:
     names = set(tar.getnames())
-  for part in ('rdskd_f32', 'dafl', 'rdskd_bf16'):
+  for part in ('rdskd_f32', 'rdskd_bank', 'dafl'):
     assert {f'./{part}/report.json', f'./{part}/metrics.jsonl', f'./{part}.log'} <= names
-  report = json.load(open(work / 'rdskd_bf16' / 'report.json'))
-  assert report['config']['dtype'] == 'bfloat16' and report['teacher']['checkpoint']
+  report = json.load(open(work / 'rdskd_bank' / 'report.json'))
+  assert report['teacher']['checkpoint'] and report['generator']['checkpoint']
+  assert report['student']['reuse'] == 4
   assert 0 <= json.load(open(work / 'rdskd_f32' / 'report.json'))['student']['test_accuracy'] <= 1
   scalars, images = set(), {}
   for path in tf.io.gfile.glob(str(work / 'rdskd_f32' / 'tensorboard' / 'events.out.tfevents.*')):

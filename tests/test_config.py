@@ -60,6 +60,34 @@ def test_bad_values_are_named(field, value, message):
     config_checks.validate(config)
 
 
+@pytest.mark.parametrize('fields, devices, message', [
+    ({'student.reuse': 0}, 1, 'config.student.reuse=0: expected 1 .every image fresh. or more'),
+    ({'student.reuse': 3}, 1, 'config.student.reuse=3: expected a divisor of '
+     'student.batch_size=16'),
+    ({'student.reuse': 8}, 4, 'config.student.reuse=8: expected a value leaving '
+     'student.batch_size/reuse=2 fresh images a step divisible among the 4 devices'),
+    ({'student.reuse': 4, 'student.bank_size': 8}, 1,
+     'config.student.bank_size=8: expected at least a batch, student.batch_size=16'),
+    ({'student.reuse': 4, 'student.bank_size': 18}, 1,
+     'config.student.bank_size=18: expected a multiple of the 4 fresh images of a step'),
+    ({'student.reuse': 2, 'student.generator_batchnorm': 'batch'}, 1,
+     "config.student.generator_batchnorm='batch': expected 'running' with student.reuse > 1"),
+    ({'student.reuse': 2, 'method': 'dafl'}, 1,
+     "config.student.reuse=2: expected 1 with method 'dafl'"),
+    ({'generator.checkpoint': '/g', 'method': 'zskd'}, 1,
+     "config.generator.checkpoint='/g': expected '' with method 'zskd'"),
+])
+def test_bad_bank_values_are_named(fields, devices, message):
+  """The bank's settings against the batch, the devices and the method: one line each."""
+  config = mnist.get_config('smoke')
+  for field, value in fields.items():
+    parent, _, name = field.rpartition('.')
+    (config[parent] if parent else config)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
+    config_checks.validate(config, devices)
+  config_checks.validate(mnist.get_config('smoke'), devices)  # The settings it changes pass.
+
+
 def test_dfad_takes_no_batchnorm_prior():
   config = mnist.get_config('smoke')
   config.method, config.generator.bn_prior_weight = 'dfad', 0.1
