@@ -91,7 +91,7 @@ def call_length(step: int, total_steps: int, most: int, periods) -> int:
 
 
 def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, log,
-              root_key, batches=None, report_every=0, report_fn=None, first_fn=None):
+              root_key, batches=None, report_every=0, report_fn=None, derived=None):
   """Runs a stage from its latest checkpoint in `workdir` to `total_steps`; returns
   (host state, seconds).
 
@@ -102,12 +102,16 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
   to that step's log line; it is for reporting only: nothing in training reads what it
   returns, and its time is not counted in the stage's seconds. Stages without host
   batches run `steps_per_call(config)` steps per compiled call (`fuse_steps`).
-  `first_fn(state, frozen, root_key, axis_name) -> (state, {})`, when given, runs once on
-  the initial state of a stage that starts at step 0 (the student's bank fill); its time
-  counts in the stage's seconds, and a resumed stage restores its result.
+  `derived`, when given, is (names, fn): state entries that checkpoints leave out because
+  `fn(state, frozen, root_key, axis_name) -> (state, {})` makes them again from the rest
+  of the state (the student's bank, from the step); fn runs once as the stage starts or
+  resumes, and its time counts in the stage's seconds.
   """
   manager = workdir_lib.checkpoint_manager(workdir, stage)
-  state, start = workdir_lib.restore_latest_readable(manager, state, stage)
+  names, rebuild = derived or ((), None)
+  kept = lambda tree: {k: v for k, v in tree.items() if k not in names}
+  restored, start = workdir_lib.restore_latest_readable(manager, kept(state), stage)
+  state = dict(state, **restored)
   log.resume(stage, start)
   most = 1 if batches is not None else steps_per_call(config)
   periods = (config.log_every, config.checkpoint_every, report_every)
@@ -123,8 +127,8 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
   runs = getattr(par, 'num_runs', 0)
   progress = metrics_lib.Progress(f'{stage} x{runs}' if runs else stage, start, total_steps)
   t0, reporting_seconds = time.perf_counter(), 0.0
-  if first_fn is not None and start == 0:
-    device_state, _ = par.wrap(first_fn)(device_state, device_frozen, root_key)
+  if rebuild is not None:
+    device_state, _ = par.wrap(rebuild)(device_state, device_frozen, root_key)
   step = start
   with SigtermFlag() as sigterm:
     while step < total_steps:
@@ -160,7 +164,7 @@ def run_stage(stage, config, workdir, par, state, frozen, step_fn, total_steps, 
         progress.show(done, metrics)
       stop = done < total_steps and _stop_now(sigterm, done, config.log_every)
       if done % config.checkpoint_every == 0 or done == total_steps or stop:
-        _save(manager, stage, done, par.to_host(device_state))
+        _save(manager, stage, done, par.to_host(kept(device_state)))
       if stop:
         _wait(manager, stage)
         log.flush()

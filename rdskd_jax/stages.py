@@ -223,8 +223,8 @@ def bank_size(config) -> int:
 
 def student_setup(config, channels: int, generator, teacher, student):
   """The student's initial train state and its per-device step (generator and teacher
-  frozen). With student.reuse > 1 the state holds the bank, empty until `bank_fill`'s
-  function fills it before step 0."""
+  frozen). With student.reuse > 1 the state holds the bank, empty until the runner
+  builds it (`bank_rebuild`)."""
   scfg = config.student
   params, collections = train_steps.classifier_init(student, init_key(config, 'student'),
                                         (config.image_size, config.image_size, channels))
@@ -253,11 +253,12 @@ def _classes(config, channels: int, classifier) -> int:
                         image).shape[-1]
 
 
-def bank_fill(config, generator, teacher):
-  """The per-device function that fills the student's bank before step 0
-  (train_steps.fill_bank), or None without a bank."""
+def bank_rebuild(config, generator, teacher):
+  """What the student stage's runner rebuilds rather than checkpoints: (('bank',), the
+  per-device train_steps.rebuild_bank), or None without a bank."""
   if config.student.reuse == 1:
     return None
-  return functools.partial(train_steps.fill_bank, generator=generator, teacher=teacher,
-                           latent_dim=config.generator.latent_dim,
-                           fresh=config.student.batch_size // config.student.reuse)
+  return ('bank',), functools.partial(
+      train_steps.rebuild_bank, generator=generator, teacher=teacher,
+      latent_dim=config.generator.latent_dim,
+      fresh=config.student.batch_size // config.student.reuse)

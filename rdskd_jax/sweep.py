@@ -154,14 +154,14 @@ def _with_lr(state, config, stage):
 
 
 def _run_group_stage(stage, configs, workdir, states, frozen, frozen_axes, step_fn, total,
-                     log, first_fn=None):
+                     log, derived=None):
   """One stage for a group of runs at once (the stage runner with their states stacked),
   resuming from the group's checkpoints; returns (stacked host state, seconds)."""
   keys = jnp.stack([stages.stage_key(c, stage) for c in configs])
   return runner.run_stage(stage, configs[0], workdir, parallel.RunBatch(len(configs),
                                                                         frozen_axes),
                           _stack(states), frozen, step_fn, total, log, keys,
-                          first_fn=first_fn)
+                          derived=derived)
 
 
 def prepare_group_workdir(configs, workdir: str) -> None:
@@ -213,7 +213,7 @@ def run_group(configs, workdir, teacher, generator, student, teacher_vars, chann
     state, seconds['student'] = _run_group_stage(
         'student', configs, workdir, states, dict(frozen, generator=gen_vars),
         {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps, log,
-        first_fn=stages.bank_fill(configs[0], generator, teacher))
+        derived=stages.bank_rebuild(configs[0], generator, teacher))
     student_vars = train_steps.variables_of(state)
   results = []
   for r, config in enumerate(configs):

@@ -193,10 +193,10 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
     """Reporting only: the student's accuracy on the test split."""
     return test_accuracy(student, train_steps.variables_of(student_state))
 
-  def stage(name, state, frozen, step_fn, total, report_fn, report_every, first_fn=None):
+  def stage(name, state, frozen, step_fn, total, report_fn, report_every, derived=None):
     return runner.run_stage(name, config, workdir, par, state, frozen, step_fn, total, log,
                             stages.stage_key(config, name), report_every=report_every,
-                            report_fn=report_fn, first_fn=first_fn)
+                            report_fn=report_fn, derived=derived)
 
   frozen = {'teacher': teacher_vars}
   if config.method in stages.SYNTHESIS_METHODS:
@@ -238,7 +238,7 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
       state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
       state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
                              config.student.steps, student_accuracy, config.student.eval_every,
-                             first_fn=stages.bank_fill(config, generator, teacher))
+                             derived=stages.bank_rebuild(config, generator, teacher))
       stage_seconds += seconds
       student_vars = train_steps.variables_of(state)
       student_steps = config.student.steps

@@ -252,24 +252,33 @@ def labelled_samples(key, count, frozen, *, generator, teacher, latent_dim, axis
   return images, logits
 
 
-def fill_bank(state, frozen, root_key, *, generator, teacher, latent_dim, fresh, axis_name):
-  """The student's state with its bank (`state['bank']`: images and the teacher's logits)
-  filled, block by block of `fresh` images: block k holds the samples of key
-  fold_in(fold_in(root_key, k), 2), a stream no step draws from. Each device makes its
-  share of every block; every device keeps the whole bank. Run once, before step 0."""
+def _fresh_key(root_key, step):
+  """The key of a step's fresh bank images (a traced step; negative: the virtual steps
+  whose images fill the bank before step 0)."""
+  return jax.random.fold_in(jax.random.fold_in(root_key, step), 0)
+
+
+def rebuild_bank(state, frozen, root_key, *, generator, teacher, latent_dim, fresh, axis_name):
+  """The student's state with its bank (`state['bank']`: images and the teacher's
+  logits) as it stands before step `state['step']`: block k of the ring holds the fresh
+  images of the last step s < step with s = k (mod blocks), the steps before 0 virtual
+  ones with keys of their own. So the bank is a function of (seed, step) and the shapes:
+  checkpoints leave it out, and a resumed stage makes it again. Each device makes its
+  share of every block; every device keeps the whole bank."""
   bank = state['bank']
   blocks = bank['images'].shape[0] // fresh
+  step = jnp.asarray(state['step'], jnp.int32)
 
   def block(k):
-    new = labelled_samples(jax.random.fold_in(jax.random.fold_in(root_key, k), 2), fresh,
-                           frozen, generator=generator, teacher=teacher,
-                           latent_dim=latent_dim, axis_name=axis_name)
+    source = k + blocks * jnp.floor_divide(step - 1 - k, blocks)
+    new = labelled_samples(_fresh_key(root_key, source), fresh, frozen, generator=generator,
+                           teacher=teacher, latent_dim=latent_dim, axis_name=axis_name)
     return tuple(_gather_rows(x, axis_name) for x in new)
 
-  images, logits = jax.lax.map(block, jnp.arange(blocks))
-  filled = {'images': images.reshape(bank['images'].shape),
-            'logits': logits.reshape(bank['logits'].shape)}
-  return dict(state, bank=_same_dtypes(filled, bank)), {}
+  images, logits = jax.lax.map(block, jnp.arange(blocks, dtype=jnp.int32))
+  rebuilt = {'images': images.reshape(bank['images'].shape),
+             'logits': logits.reshape(bank['logits'].shape)}
+  return dict(state, bank=_same_dtypes(rebuilt, bank)), {}
 
 
 def bank_student_step(state, frozen, root_key, *, generator, teacher, student, tx, batch_size,
@@ -281,15 +290,16 @@ def bank_student_step(state, frozen, root_key, *, generator, teacher, student, t
 
   The bank is a ring of blocks of batch_size/reuse images: the step's fresh block
   replaces the oldest after the step, so an image stays for bank/fresh steps and is drawn
-  reuse - 1 times on average besides its fresh use. The draw is of global rows from a key
-  of the step, each device taking its rows of the global batch, so it does not depend on
-  the number of devices; the fresh images divide among the devices.
+  reuse - 1 times on average besides its fresh use (`rebuild_bank` says what it holds at
+  a step). The draw is of global rows from a key of the step, each device taking its rows
+  of the global batch, so it does not depend on the number of devices; the fresh images
+  divide among the devices.
   """
   key = jax.random.fold_in(root_key, state['step'])
   fresh = batch_size // reuse
   bank = state['bank']
   size = bank['images'].shape[0]
-  images, logits = labelled_samples(jax.random.fold_in(key, 0), fresh, frozen,
+  images, logits = labelled_samples(_fresh_key(root_key, state['step']), fresh, frozen,
                                     generator=generator, teacher=teacher,
                                     latent_dim=latent_dim, axis_name=axis_name)
   new = _same_dtypes({'images': images, 'logits': logits}, bank)

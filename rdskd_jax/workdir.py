@@ -407,8 +407,11 @@ def load_run(workdir: str, teacher=None) -> Run:
   else:
     generator_state = (None if config.generator.checkpoint else
                        latest('generator', stages.generator_setup(config, generator, teacher)[0]))
-    student_state = latest('student', stages.student_setup(config, fields['channels'], generator,
-                                                    teacher, student)[0])
+    student_template = stages.student_setup(config, fields['channels'], generator, teacher,
+                                            student)[0]
+    # Checkpoints leave the bank out (runner.run_stage's `derived`); load_run needs none.
+    student_state = latest('student', {k: v for k, v in student_template.items()
+                                       if k != 'bank'})
   if config.generator.checkpoint:
     generator_vars, _ = restore_generator(config, generator, fields['channels'],
                                           teacher_lib.fingerprint(teacher_vars))

@@ -7,6 +7,7 @@ The step-level tests run the student stage alone (`runner.run_stage`) on the tin
 preset's networks at their initial weights, in float64: what they check does not need
 trained networks, and they compile in seconds."""
 
+import ast
 import json
 import os
 import signal
@@ -58,13 +59,13 @@ def _networks(config):
 def _student_stage(workdir, config, total=None, fail_after=None):
   """The student stage of `config` in `workdir` (resuming its checkpoints); the host state
   and the metrics.jsonl rows. `fail_after`: raise (as a process killed there would stop)
-  after that step's checkpoint."""
+  after that step, before any checkpoint of it."""
   teacher, generator, student, frozen = _networks(config)
   par = parallel.DataParallel(config.parallel, config.num_devices)
   state, step_fn = stages.student_setup(config, 1, generator, teacher, student)
   extra = {}
   if config.student.reuse > 1:
-    extra['first_fn'] = stages.bank_fill(config, generator, teacher)
+    extra['derived'] = stages.bank_rebuild(config, generator, teacher)
   if fail_after:
     def report_fn(state):
       raise KeyboardInterrupt(f'stopped after step {int(state["step"])}')
@@ -144,13 +145,23 @@ def test_the_bank_on_n_devices_and_in_fused_calls_equals_single_steps(
 
 
 def test_an_interrupted_bank_stage_resumes_to_the_same_result(one_device_bank, tmp_path):
-  """Stopped after step 4's checkpoint (the bank in it, half way round the ring), then run
-  again: the bank is restored, not filled again, and the result is the uninterrupted one."""
+  """Stopped at step 5, its last checkpoint step 4's (the ring a block past its first
+  round), then run
+  again: the bank is made again from the step, bit for bit, and the result is the
+  uninterrupted one."""
   config = _config(reuse=4, bank_size=12)
   config.checkpoint_every = 4
   with jax.enable_x64(True):
     with pytest.raises(KeyboardInterrupt):
-      _student_stage(str(tmp_path), config, fail_after=4)
+      _student_stage(str(tmp_path), config, fail_after=5)
+    deadline = time.time() + 60  # Step 4's checkpoint, saved asynchronously, completes.
+    while not os.path.isdir(tmp_path / 'checkpoints' / 'student' / '4'):
+      assert time.time() < deadline
+      time.sleep(0.05)
+    with open(tmp_path / 'checkpoints' / 'student' / '4' / 'default' / '_METADATA') as f:
+      # Orbax's metadata names each saved leaf by its path, a tuple written as text.
+      saved = {ast.literal_eval(path)[0] for path in json.load(f)['tree_metadata']}
+    assert 'params' in saved and 'bank' not in saved  # Made again from the step, not saved.
     state, rows = _student_stage(str(tmp_path), config)
   reference, reference_rows = one_device_bank
   _assert_same_state(state, reference, rtol=0)
@@ -175,7 +186,7 @@ def _bank_run_config(data_dir):
 def test_sigkill_in_the_bank_stage_then_resume(pipeline_run, mnist_data_dir, tmp_path):
   """The command line killed by SIGKILL in the bank's stage, after its checkpoint of step
   8, then resumed (in this process): every logged step and the result equal the
-  uninterrupted run's, the bank restored from the checkpoint."""
+  uninterrupted run's, the bank made again from the step."""
   workdir = tmp_path / 'killed'
   command = [sys.executable, '-m', 'rdskd_jax.main', '--config=configs/mnist.py:tiny',
              f'--workdir={workdir}', f'--config.data_dir={mnist_data_dir}',
