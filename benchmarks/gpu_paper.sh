@@ -11,6 +11,7 @@
 #   2. rdskd_bank: the same student budget with the bank (student.reuse=$REUSE, 16 by
 #                  default), on part 1's teacher and generator (generator.checkpoint).
 #   3. dafl:       DAFL's paper preset (24,000 joint steps) on that teacher, in the time left.
+# PARTS="rdskd_bank" (say) runs those parts alone, each training what it would have taken.
 # OUT gets env.txt, parts.jsonl and results.tar.gz (each part's report.json,
 # metrics.jsonl, samples.png, curves.png and log), within the device tool's file limits.
 # The environment needs JAX, Flax, Optax, Orbax, chex and ml_collections, and MNIST in
@@ -26,7 +27,7 @@ reuse=${REUSE:-16}
 if [ -n "${SMOKE:-}" ]; then
   preset=':tiny'; eval_every=3; limits=(120 120 120); reuse=4
 else
-  preset=''; eval_every=6000; limits=(280 170 60)  # Seconds: 8.5 minutes in all.
+  preset=''; eval_every=6000; limits=(280 ${BANK_LIMIT:-170} 60)  # Seconds: 8.5 minutes in all.
 fi
 python=${PYTHON:-python3}
 {
@@ -49,12 +50,25 @@ part() {  # part NAME LIMIT_SECONDS FLAGS...
 rm -rf "$work" && mkdir -p "$work"
 : > "$out/parts.jsonl"
 teacher="$work/rdskd_f32/teacher_variables"
-part rdskd_f32 "${limits[0]}" --config.parallel=none --config.student.eval_every=$eval_every
-part rdskd_bank "${limits[1]}" --config.parallel=none --config.student.eval_every=$eval_every \
-    --config.student.reuse="$reuse" --config.teacher.checkpoint="$teacher" \
-    --config.generator.checkpoint="$work/rdskd_f32/generator_variables"
-part dafl "${limits[2]}" --config.parallel=none --config.method=dafl \
-    --config.student.eval_every=$eval_every --config.teacher.checkpoint="$teacher"
+parts=${PARTS:-rdskd_f32 rdskd_bank dafl}  # A subset reruns those alone.
+for name in $parts; do
+  case $name in
+    rdskd_f32)
+      part rdskd_f32 "${limits[0]}" --config.parallel=none --config.student.eval_every=$eval_every ;;
+    rdskd_bank)  # On part 1's teacher and generator where it ran, else with its own.
+      reused=()
+      [ -e "$work/rdskd_f32/generator_variables/rdskd.json" ] && reused=(
+          --config.teacher.checkpoint="$teacher"
+          --config.generator.checkpoint="$work/rdskd_f32/generator_variables")
+      part rdskd_bank "${limits[1]}" --config.parallel=none \
+          --config.student.eval_every=$eval_every --config.student.reuse="$reuse" "${reused[@]}" ;;
+    dafl)
+      dafl_teacher=()
+      [ -e "$teacher" ] && dafl_teacher=(--config.teacher.checkpoint="$teacher")
+      part dafl "${limits[2]}" --config.parallel=none --config.method=dafl \
+          --config.student.eval_every=$eval_every "${dafl_teacher[@]}" ;;
+  esac
+done
 
 (cd "$work" && tar czf "$out/results.tar.gz" --ignore-failed-read \
     ./*.log ./*/report.json ./*/metrics.jsonl ./*/samples.png ./*/curves.png 2>/dev/null)
