@@ -6,7 +6,9 @@
 # One teacher (seed 0's run); per seed s in 0 1 2 a generator (the run at reuse 16) shared
 # through generator.checkpoint by the students at reuse 1, 4, 16 and 64; the control, a
 # one-step generator (seed 0, reuse 16); the bank's size at reuse 16 (seed 0: 4 and 64
-# batches against the default 16). Phases: main (reuse 4, 16, 64), reuse1, control, size.
+# batches against the default 16); equal time (EQ_STEPS student steps, 10,000 by default,
+# at reuse EQ_REUSE, 16 by default, on each seed's generator). Phases: main (reuse 4, 16,
+# 64), reuse1, control, size, eqtime.
 set -u
 work=${1:?usage: bash benchmarks/reuse_study.sh W [PHASE...]}
 shift
@@ -57,6 +59,12 @@ for phase in $phases; do
       control)
         [ "$seed" = 0 ] && run s0_r16_untrained --config.seed=0 --config.student.reuse=16 \
             --config.teacher.checkpoint="$teacher" --config.generator.steps=1 ;;
+      eqtime)
+        run "s${seed}_r${EQ_REUSE:-16}_steps${EQ_STEPS:-10000}" --config.seed="$seed" \
+            --config.student.reuse="${EQ_REUSE:-16}" --config.student.steps="${EQ_STEPS:-10000}" \
+            --config.student.eval_every=1000 \
+            --config.teacher.checkpoint="$teacher" \
+            --config.generator.checkpoint="$work/s${seed}_r16/generator_variables" ;;
       size)
         [ "$seed" = 0 ] && for batches in 4 64; do
           run "s0_r16_bank${batches}" --config.seed=0 --config.student.reuse=16 \

@@ -114,7 +114,7 @@ def main(argv):
           'devices': par.num_devices, 'platform': jax.default_backend(),
           'dtype': config.dtype, 'parallel': config.parallel, 'framework': 'jax',
           'dataset': config.dataset, 'teacher': config.teacher.model,
-          'student': config.student.model}
+          'student': config.student.model, 'reuse': config.student.reuse}
       if flops is not None:
         row.update(flops_per_step=flops, flops_per_second=flops / row['median_seconds'],
                    matmul_peak_flops_per_second=peak)
