@@ -220,13 +220,11 @@ def _check_bank(config, num_devices: int) -> None:
            'student.bank_size', size, '0 (16 batches) or a count of images')
   _require(isinstance(config.generator.checkpoint, str), 'generator.checkpoint',
            config.generator.checkpoint, "a generator_variables directory, or '' (train one)")
-  if config.method != 'rdskd':
-    _require(reuse == 1, 'student.reuse', reuse,
-             f"1 with method {config.method!r} (the bank serves RDSKD's student stage)")
+  if config.method != 'rdskd':  # Only RDSKD's student stage reads student.reuse.
     _require(not config.generator.checkpoint, 'generator.checkpoint',
              config.generator.checkpoint,
              f"'' with method {config.method!r}, which trains its own generator or none")
-  if reuse == 1:
+  if reuse == 1 or config.method != 'rdskd':
     return
   _require(batch % reuse == 0, 'student.reuse', reuse,
            f'a divisor of student.batch_size={batch} (the fresh images of a step, '

@@ -109,6 +109,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # every step (the authors'). R > 1: batch_size/R fresh images a step, the rest of the batch
   # drawn from a bank of earlier ones with the teacher's logits stored beside them (exact:
   # both networks are frozen and in inference mode); needs generator_batchnorm 'running'.
+  # RDSKD's student stage reads it; the other methods' stages do not.
   c.student.bank_size = 0           # Images in the bank when reuse > 1; 0: 16 batches.
   c.student.eval_every = 0          # Log test accuracy every N steps (reporting only); 0: never.
   c.student.agreement_samples = 4096  # Generated samples for report's generated_agreement.

@@ -72,8 +72,6 @@ def test_bad_values_are_named(field, value, message):
      'config.student.bank_size=18: expected a multiple of the 4 fresh images of a step'),
     ({'student.reuse': 2, 'student.generator_batchnorm': 'batch'}, 1,
      "config.student.generator_batchnorm='batch': expected 'running' with student.reuse > 1"),
-    ({'student.reuse': 2, 'method': 'dafl'}, 1,
-     "config.student.reuse=2: expected 1 with method 'dafl'"),
     ({'generator.checkpoint': '/g', 'method': 'zskd'}, 1,
      "config.generator.checkpoint='/g': expected '' with method 'zskd'"),
 ])
