@@ -16,6 +16,9 @@ phases=${*:-main control reuse1}
 mkdir -p "$work"
 python=${PYTHON:-python}
 config=configs/mnist.py:cpu
+# The cpu preset's student as it was before it was re-based on this study (95a1389):
+# 3,500 steps, accuracy every 500 (reporting only). The eqtime phase sets its own steps.
+before=(--config.student.steps=3500 --config.student.eval_every=500)
 
 done_run() { "$python" - "$1" <<'PY'
 import json, sys
@@ -31,13 +34,15 @@ run() {  # run NAME FLAGS...
   shift
   done_run "$work/$name" && return 0
   echo "$(date -u +%FT%TZ) start $name" >> "$work/study.log"
-  "$python" -m rdskd_jax.main --config=$config --workdir="$work/$name" "$@" \
+  "$python" -m rdskd_jax.main --config=$config --workdir="$work/$name" "${base[@]}" "$@" \
       > "$work/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) end $name exit $?" >> "$work/study.log"
 }
 
 teacher="$work/s0_r16/teacher_variables"
 for phase in $phases; do
+  base=("${before[@]}")
+  [ "$phase" = eqtime ] && base=()
   for seed in 0 1 2; do
     case $phase in
       main)
