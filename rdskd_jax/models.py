@@ -50,6 +50,26 @@ def create_classifier(name: str, num_classes: int, dtype: Any = None,
   return _CLASSIFIERS[name](num_classes=num_classes, dtype=dtype, width=width)
 
 
+ATTENTION = 'intermediates'  # The collection of the feature maps attention transfer reads.
+
+
+def mark_attention(module: nn.Module, x) -> None:
+  """Records feature map `x` for attention transfer (MSKD): the output of each pooled
+  conv of LeNet-5 and of each residual group, where the authors of zero-shot knowledge
+  transfer take theirs. A no-op unless the caller asks for the ATTENTION collection."""
+  module.sow(ATTENTION, 'attention', x)
+
+
+def with_attention(model: nn.Module, variables, images, train: bool = False):
+  """One forward pass of a classifier that also returns its marked feature maps:
+  ((logits, features), maps, updated collections other than the maps; in training mode
+  with BatchNorm, its new statistics)."""
+  mutable = [ATTENTION] + (['batch_stats'] if train and 'batch_stats' in variables else [])
+  out, updates = model.apply(variables, images, train=train, mutable=mutable)
+  maps = tuple(updates.get(ATTENTION, {}).get('attention', ()))
+  return out, maps, {k: v for k, v in updates.items() if k != ATTENTION}
+
+
 def scaled(channels: int, width: float) -> int:
   """`channels` times a width factor, rounded, at least 1: the channel count of a layer in
   a narrower (or wider) copy of a network, the same layers and code path at any width."""
@@ -106,8 +126,10 @@ class _LeNet5Family(nn.Module):
 
     x = nn.relu(conv(c1, 'conv1')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    mark_attention(self, x)
     x = nn.relu(conv(c2, 'conv2')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    mark_attention(self, x)
     x = nn.relu(conv(c3, 'conv3')(x))
     # The features are the flattened conv3 output, before the dense layers: what the
     # authors' LeNet-5 returns, and so what DAFL's activation loss reads.
@@ -183,6 +205,7 @@ class WideResNet(_BatchNormClassifier):
     for g, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
       for b in range(blocks):
         x = self._block(x, width * self.widen, stride if b == 0 else 1, train, f'g{g}b{b}')
+      mark_attention(self, x)
     x = nn.relu(self._norm(train, 'final_bn')(x))
     return self._head(x, images)
 
@@ -214,6 +237,7 @@ class CifarResNet(_BatchNormClassifier):
     for s, blocks in enumerate(self.stage_sizes):
       for b in range(blocks):
         x = self._block(x, base * 2 ** s, 2 if s > 0 and b == 0 else 1, train, f's{s}b{b}')
+      mark_attention(self, x)
     return self._head(x, images)
 
   def _block(self, x, width, stride, train, name):

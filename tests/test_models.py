@@ -24,6 +24,22 @@ def test_lenet_parameter_counts_and_outputs(name, params):
   assert features.shape == (3, {'lenet5': 120, 'lenet5_half': 60}[name])  # conv3's outputs
 
 
+@pytest.mark.parametrize('name, width, shapes', [
+    ('lenet5', 1.0, [(2, 14, 14, 6), (2, 5, 5, 16)]),
+    ('wrn_16_1', 0.125, [(2, 32, 32, 2), (2, 16, 16, 4), (2, 8, 8, 8)]),
+    ('resnet18', 0.125, [(2, 32, 32, 8), (2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64)])])
+def test_attention_maps_come_with_the_same_forward_pass(name, width, shapes):
+  # MSKD's attention term reads each pooled conv (LeNet-5) or residual group's output.
+  model = models.create_classifier(name, 10, width=width)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 1 if 'lenet' in name else 3))
+  variables = model.init(jax.random.key(0), images)
+  (logits, _), maps, updates = models.with_attention(model, variables, images, train=True)
+  assert [m.shape for m in maps] == shapes
+  assert set(updates) == ({'batch_stats'} if 'batch_stats' in variables else set())
+  plain, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  np.testing.assert_array_equal(logits, plain[0])  # Marking changes nothing computed.
+
+
 def test_unknown_model_names_the_known_ones():
   with pytest.raises(ValueError, match="unknown model 'lenet7'.*lenet5, lenet5_half"):
     models.create_classifier('lenet7', 10)
