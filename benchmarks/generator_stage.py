@@ -21,7 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rdskd_jax import metrics, plot, runner, stages, train
-from rdskd_jax import workdir as workdir_lib
+from rdskd_jax.methods import rdskd
+from rdskd_jax import teacher as teacher_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -36,8 +37,8 @@ def main(argv):
   par = train.setup_parallel(config)
   channels = len(config.mean)
   teacher, generator, _ = stages.build_networks(config, _NUM_CLASSES.value, channels)
-  teacher_vars = workdir_lib.restore_teacher(config, teacher, channels)
-  state, step_fn = stages.generator_setup(config, generator, teacher)
+  teacher_vars = teacher_lib.restore_teacher(config, teacher, channels)
+  state, step_fn = rdskd.generator_setup(config, generator, teacher)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   log = metrics.MetricsLog(_WORKDIR.value)
   t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rdskd_jax import models, runner, stages, train
+from rdskd_jax.methods import rdskd
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config file[:preset].')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch of both steps; 0: the config\'s.')
@@ -90,10 +91,10 @@ def main(argv):
   teacher, generator, student = stages.build_networks(config, _NUM_CLASSES.value, channels)
   image = jnp.zeros((1, config.image_size, config.image_size, channels))
   teacher_vars = teacher.init(jax.random.key(1), image)
-  gen_state, gen_step = stages.generator_setup(config, generator, teacher)
+  gen_state, gen_step = rdskd.generator_setup(config, generator, teacher)
   gen_vars = {'params': gen_state['params'], 'batch_stats': gen_state['batch_stats']}
-  student_state, student_step = stages.student_setup(config, channels, generator, teacher,
-                                                    student)
+  student_state, student_step = rdskd.student_setup(config, channels, _NUM_CLASSES.value,
+                                                    generator, teacher, student)
   runs = {'generator': (gen_step, gen_state, {'teacher': teacher_vars}),
           'student': (student_step, student_state,
                       {'teacher': teacher_vars, 'generator': gen_vars})}

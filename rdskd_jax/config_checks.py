@@ -8,35 +8,57 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rdskd_jax import models, parallel
+from rdskd_jax import methods, models, parallel
 from rdskd_jax.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'sgd')
-METHODS = ('rdskd', 'dafl', 'dfad', 'deepinversion', 'zskd')
 SCHEDULES = ('constant', 'cosine', 'step')
 
 
-def _require(ok: bool, field: str, value, expected: str):
+def require(ok: bool, field: str, value, expected: str):
   if not ok:
     raise ConfigError(f'config.{field}={value!r}: expected {expected}')
 
 
-def _positive_int(config, field):
+def positive_int(config, field):
   value = _get(config, field)
-  _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-           field, value, 'a positive integer')
+  require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          field, value, 'a positive integer')
 
 
-def _positive_float(config, field):
+def positive_float(config, field):
   value = _get(config, field)
-  _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-           field, value, 'a positive number')
+  require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+          field, value, 'a positive number')
 
 
 def _get(config, field):
   for part in field.split('.'):
     config = config[part]
   return config
+
+
+def non_negative(config, field):
+  value = _get(config, field)
+  require(value >= 0, field, value, 'a value >= 0')
+
+
+def generated_batch(config, block: str, num_devices: int) -> None:
+  """A batch of generated samples (`<block>.batch_size`): even, for the diversity loss's
+  two halves, and each half divisible among the devices."""
+  batch = config[block].batch_size
+  require(batch % 2 == 0, f'{block}.batch_size', batch,
+          'an even number (the diversity loss pairs two halves)')
+  require(batch % (2 * num_devices) == 0, f'{block}.batch_size', batch,
+          f'a multiple of 2 x {num_devices} devices (each device holds a slice of both halves)')
+
+
+def pixel_shift(config, block: str) -> None:
+  """`<block>.max_shift`, an augmentation by translation."""
+  shift = config[block].max_shift
+  require(isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift and
+          (config.image_size == 0 or shift < config.image_size // 2), f'{block}.max_shift',
+          shift, 'a shift in whole pixels, 0 <= shift < image_size / 2')
 
 
 def _non_finite_field(tree, prefix=''):
@@ -92,153 +114,104 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   found = _non_finite_field(config.to_dict())
   if found:
     raise ConfigError(f'config.{found[0]}={found[1]!r}: expected a finite number')
-  _require(isinstance(config.dataset, str), 'dataset', config.dataset,
-           "a tfds dataset name, or '' (none)")
+  require(isinstance(config.dataset, str), 'dataset', config.dataset,
+          "a tfds dataset name, or '' (none)")
   if not config.dataset:  # Everything a dataset would have said comes from the config.
-    _require(config.num_classes or config.channels, 'dataset', config.dataset,
-             "a tfds dataset name, or '' with config.num_classes and config.channels set "
-             '(a run that reads no data, with a teacher from outside)')
+    require(config.num_classes or config.channels, 'dataset', config.dataset,
+            "a tfds dataset name, or '' with config.num_classes and config.channels set "
+            '(a run that reads no data, with a teacher from outside)')
     for field in ('num_classes', 'channels', 'image_size'):
-      _require(isinstance(config[field], int) and config[field] > 0, field, config[field],
-               "a positive number when config.dataset is ''")
-    _require(len(config.mean) == config.channels, 'mean', config.mean,
-             f"one value per channel ({config.channels}) when config.dataset is ''")
+      require(isinstance(config[field], int) and config[field] > 0, field, config[field],
+              "a positive number when config.dataset is ''")
+    require(len(config.mean) == config.channels, 'mean', config.mean,
+            f"one value per channel ({config.channels}) when config.dataset is ''")
   else:
     for field in ('num_classes', 'channels'):
-      _require(isinstance(config[field], int) and config[field] >= 0, field, config[field],
-               "0 (the dataset's) or the dataset's value")
-  _require(config.method in METHODS, 'method', config.method,
-           ', '.join(map(repr, METHODS)))
-  _require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
-           config.generator.bn_prior_weight, 'a weight >= 0')
-  _require(config.method != 'dfad' or config.generator.bn_prior_weight == 0,
-           'generator.bn_prior_weight', config.generator.bn_prior_weight,
-           "0 with method 'dfad' (its generator loss is the discrepancy alone)")
-  _require(config.parallel in parallel.MODES, 'parallel', config.parallel,
-           ' or '.join(repr(m) for m in parallel.MODES))
-  _require(config.dtype in models.DTYPES, 'dtype', config.dtype,
-           "'float32' or 'bfloat16' ('float64' with JAX_ENABLE_X64=1)")
-  _require(config.dtype != 'float64' or jax.config.jax_enable_x64, 'dtype', config.dtype,
-           "'float32' or 'bfloat16': float64 needs JAX_ENABLE_X64=1")
-  _require(isinstance(config.image_size, int) and config.image_size >= 0, 'image_size',
-           config.image_size, "a size in pixels, or 0 (the dataset's)")
+      require(isinstance(config[field], int) and config[field] >= 0, field, config[field],
+              "0 (the dataset's) or the dataset's value")
+  require(config.method in methods.METHODS, 'method', config.method,
+          ', '.join(map(repr, methods.METHODS)))
+  require(config.generator.bn_prior_weight >= 0, 'generator.bn_prior_weight',
+          config.generator.bn_prior_weight, 'a weight >= 0')
+  require(config.parallel in parallel.MODES, 'parallel', config.parallel,
+          ' or '.join(repr(m) for m in parallel.MODES))
+  require(config.dtype in models.DTYPES, 'dtype', config.dtype,
+          "'float32' or 'bfloat16' ('float64' with JAX_ENABLE_X64=1)")
+  require(config.dtype != 'float64' or jax.config.jax_enable_x64, 'dtype', config.dtype,
+          "'float32' or 'bfloat16': float64 needs JAX_ENABLE_X64=1")
+  require(isinstance(config.image_size, int) and config.image_size >= 0, 'image_size',
+          config.image_size, "a size in pixels, or 0 (the dataset's)")
   for field in ('checkpoint_every', 'max_bad_steps', 'log_every',
                 'eval_batch_size', 'teacher.batch_size', 'teacher.epochs', 'generator.latent_dim',
                 'generator.batch_size', 'generator.steps', 'generator.epoch_length',
                 'student.batch_size', 'student.steps', 'student.agreement_samples',
-                'diagnostic_samples', 'dafl.batch_size', 'dafl.steps', 'dfad.batch_size',
-                'dfad.steps', 'dfad.student_updates', 'deepinversion.batch_size',
-                'deepinversion.steps', 'deepinversion.iterations', 'zskd.batch_size',
-                'zskd.steps', 'zskd.iterations'):
-    _positive_int(config, field)
+                'diagnostic_samples'):
+    positive_int(config, field)
   for field in ('teacher.width', 'generator.width', 'student.width',
                 'teacher.learning_rate', 'generator.learning_rate',
-                'student.learning_rate', 'student.temperature', 'student.epoch_length',
-                'dafl.generator_learning_rate', 'dafl.student_learning_rate', 'dafl.temperature',
-                'dfad.generator_learning_rate', 'dfad.student_learning_rate'):
-    _positive_float(config, field)
-  for field in ('dfad.momentum', 'dfad.weight_decay', 'deepinversion.jitter',
-                'deepinversion.class_weight', 'deepinversion.tv_weight',
-                'deepinversion.l2_weight', 'deepinversion.bn_weight',
-                'deepinversion.competition_weight'):
-    _require(_get(config, field) >= 0, field, _get(config, field), 'a value >= 0')
-  for field in ('deepinversion.learning_rate', 'deepinversion.competition_temperature',
-                'zskd.learning_rate', 'zskd.temperature'):
-    _positive_float(config, field)
-  _require(len(config.zskd.betas) > 0 and all(b > 0 for b in config.zskd.betas), 'zskd.betas',
-           config.zskd.betas, 'one or more positive Dirichlet scales')
-  if config.method in ('deepinversion', 'zskd'):
-    batches = config[config.method].steps
-    _require(config.student.steps % batches == 0, 'student.steps', config.student.steps,
-             f'a multiple of {config.method}.steps={batches} (the KD steps of each of its '
-             'steps)')
-  _require(config.image_size % 4 == 0, 'image_size', config.image_size,
-           'a multiple of 4 (the generator upsamples twice), or 0')
-  _require(len(config.mean) == len(config.std) and all(s > 0 for s in config.std),
-           'std', config.std, 'positive values, one per channel of mean (or both empty)')
+                'student.learning_rate', 'student.temperature', 'student.epoch_length'):
+    positive_float(config, field)
+  require(config.image_size % 4 == 0, 'image_size', config.image_size,
+          'a multiple of 4 (the generator upsamples twice), or 0')
+  require(len(config.mean) == len(config.std) and all(s > 0 for s in config.std),
+          'std', config.std, 'positive values, one per channel of mean (or both empty)')
   for stage in ('teacher', 'student'):
     model = config[stage].model
-    _require(model in models.known_classifiers(), f'{stage}.model', model,
-             'one of ' + ', '.join(models.known_classifiers()))
+    require(model in models.known_classifiers(), f'{stage}.model', model,
+            'one of ' + ', '.join(models.known_classifiers()))
   for stage in ('teacher', 'generator', 'student'):
     cfg = config[stage]
-    _require(cfg.optimizer in OPTIMIZERS, f'{stage}.optimizer', cfg.optimizer,
-             ' or '.join(map(repr, OPTIMIZERS)))
-    _require(cfg.schedule in SCHEDULES, f'{stage}.schedule', cfg.schedule,
-             ' or '.join(map(repr, SCHEDULES)))
-    _require(all(isinstance(e, int) and e > 0 for e in cfg.decay_epochs) and
-             list(cfg.decay_epochs) == sorted(cfg.decay_epochs), f'{stage}.decay_epochs',
-             cfg.decay_epochs, 'increasing positive epoch numbers')
-    _require(cfg.weight_decay >= 0 and 0 <= cfg.momentum < 1, f'{stage}.weight_decay',
-             (cfg.weight_decay, cfg.momentum), 'weight_decay >= 0 and 0 <= momentum < 1')
-  _require(config.student.generator_batchnorm in models.GENERATOR_BATCHNORM,
-           'student.generator_batchnorm', config.student.generator_batchnorm,
-           ' or '.join(map(repr, models.GENERATOR_BATCHNORM)))
-  for block in ('teacher', 'zskd'):  # The two augmentations by translation.
-    shift = config[block].max_shift
-    _require(isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift and
-             (config.image_size == 0 or shift < config.image_size // 2), f'{block}.max_shift',
-             shift, 'a shift in whole pixels, 0 <= shift < image_size / 2')
-  _require(isinstance(config.num_devices, int) and config.num_devices >= 0, 'num_devices',
-           config.num_devices, '0 (all devices) or a positive device count')
-  _require(config.num_devices <= available_devices, 'num_devices', config.num_devices,
-           f'at most the {available_devices} devices there are')
+    require(cfg.optimizer in OPTIMIZERS, f'{stage}.optimizer', cfg.optimizer,
+            ' or '.join(map(repr, OPTIMIZERS)))
+    require(cfg.schedule in SCHEDULES, f'{stage}.schedule', cfg.schedule,
+            ' or '.join(map(repr, SCHEDULES)))
+    require(all(isinstance(e, int) and e > 0 for e in cfg.decay_epochs) and
+            list(cfg.decay_epochs) == sorted(cfg.decay_epochs), f'{stage}.decay_epochs',
+            cfg.decay_epochs, 'increasing positive epoch numbers')
+    require(cfg.weight_decay >= 0 and 0 <= cfg.momentum < 1, f'{stage}.weight_decay',
+            (cfg.weight_decay, cfg.momentum), 'weight_decay >= 0 and 0 <= momentum < 1')
+  require(config.student.generator_batchnorm in models.GENERATOR_BATCHNORM,
+          'student.generator_batchnorm', config.student.generator_batchnorm,
+          ' or '.join(map(repr, models.GENERATOR_BATCHNORM)))
+  pixel_shift(config, 'teacher')
+  require(isinstance(config.num_devices, int) and config.num_devices >= 0, 'num_devices',
+          config.num_devices, '0 (all devices) or a positive device count')
+  require(config.num_devices <= available_devices, 'num_devices', config.num_devices,
+          f'at most the {available_devices} devices there are')
   num_devices = devices_used(config, available_devices)
-  _require(isinstance(config.steps_per_call, int) and config.steps_per_call >= 0,
-           'steps_per_call', config.steps_per_call,
-           "0 (the platform's default) or a positive step count")
-  _require(config.image_every >= 0, 'image_every', config.image_every,
-           '0 (never) or a positive step count')
-  _require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
-           '0 (never) or a positive step count')
+  require(isinstance(config.steps_per_call, int) and config.steps_per_call >= 0,
+          'steps_per_call', config.steps_per_call,
+          "0 (the platform's default) or a positive step count")
+  require(config.image_every >= 0, 'image_every', config.image_every,
+          '0 (never) or a positive step count')
+  require(config.student.eval_every >= 0, 'student.eval_every', config.student.eval_every,
+          '0 (never) or a positive step count')
   for field in ('teacher.max_train_examples', 'test_examples'):
-    _require(isinstance(_get(config, field), int) and _get(config, field) >= 0, field,
-             _get(config, field), '0 (all) or a positive count')
-  if config.method in ('deepinversion', 'zskd'):  # Only the method that runs is split.
-    field = f'{config.method}.batch_size'
-    _require(_get(config, field) % num_devices == 0, field, _get(config, field),
-             f'a multiple of the {num_devices} devices')
-  for stage in ('generator', 'student', 'dafl', 'dfad'):
-    batch = config[stage].batch_size
-    _require(batch % 2 == 0, f'{stage}.batch_size', batch,
-             'an even number (the diversity loss pairs two halves)')
-    _require(batch % (2 * num_devices) == 0, f'{stage}.batch_size', batch,
-             f'a multiple of 2 x {num_devices} devices (each device holds a slice of both halves)')
-  _check_bank(config, num_devices)
-  _require(config.teacher.batch_size % num_devices == 0, 'teacher.batch_size',
-           config.teacher.batch_size, f'a multiple of the {num_devices} devices')
+    require(isinstance(_get(config, field), int) and _get(config, field) >= 0, field,
+            _get(config, field), '0 (all) or a positive count')
+  for block in ('generator', 'student'):
+    generated_batch(config, block, num_devices)
+  _check_reused_samples(config)
+  for name in methods.METHODS:  # Each block's values, and the running method's needs.
+    methods.get(name).check(config, num_devices)
+  require(config.teacher.batch_size % num_devices == 0, 'teacher.batch_size',
+          config.teacher.batch_size, f'a multiple of the {num_devices} devices')
 
 
-def _check_bank(config, num_devices: int) -> None:
-  """The student's bank (student.reuse, student.bank_size) and a reused generator
-  (generator.checkpoint): both serve the student stage of RDSKD's pipeline."""
+def _check_reused_samples(config) -> None:
+  """The fields of the sample bank and of a reused generator, whose values every config
+  must hold; whether they apply is the method's to check."""
   scfg = config.student
-  reuse, size, batch = scfg.reuse, scfg.bank_size, scfg.batch_size
-  _require(isinstance(reuse, int) and not isinstance(reuse, bool) and reuse >= 1,
-           'student.reuse', reuse, '1 (every image fresh) or more uses of each image')
-  _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
-           'student.bank_size', size, '0 (16 batches) or a count of images')
-  _require(isinstance(config.generator.checkpoint, str), 'generator.checkpoint',
-           config.generator.checkpoint, "a generator_variables directory, or '' (train one)")
-  if config.method != 'rdskd':  # Only RDSKD's student stage reads student.reuse.
-    _require(not config.generator.checkpoint, 'generator.checkpoint',
-             config.generator.checkpoint,
-             f"'' with method {config.method!r}, which trains its own generator or none")
-  if reuse == 1 or config.method != 'rdskd':
-    return
-  _require(batch % reuse == 0, 'student.reuse', reuse,
-           f'a divisor of student.batch_size={batch} (the fresh images of a step, '
-           'batch_size/reuse, are a whole number)')
-  fresh = batch // reuse
-  _require(fresh % num_devices == 0, 'student.reuse', reuse,
-           f'a value leaving student.batch_size/reuse={fresh} fresh images a step divisible '
-           f'among the {num_devices} devices')
-  _require(scfg.generator_batchnorm == 'running', 'student.generator_batchnorm',
-           scfg.generator_batchnorm, "'running' with student.reuse > 1 (the bank stores each "
-           "image's logits, which in 'batch' mode would depend on the batch it came in)")
-  effective = size or 16 * batch
-  _require(effective >= batch, 'student.bank_size', size,
-           f'at least a batch, student.batch_size={batch} images (or 0: 16 batches)')
-  _require(effective % fresh == 0, 'student.bank_size', size,
-           f'a multiple of the {fresh} fresh images of a step (student.batch_size/reuse), '
-           'which the bank takes a block at a time')
+  require(isinstance(scfg.reuse, int) and not isinstance(scfg.reuse, bool) and
+          scfg.reuse >= 1, 'student.reuse', scfg.reuse,
+          '1 (every image fresh) or more uses of each image')
+  require(isinstance(scfg.bank_size, int) and not isinstance(scfg.bank_size, bool) and
+          scfg.bank_size >= 0, 'student.bank_size', scfg.bank_size,
+          '0 (16 batches) or a count of images')
+  given = config.generator.checkpoint
+  require(isinstance(given, str), 'generator.checkpoint', given,
+          "a generator_variables directory, or '' (train one)")
+  method = methods.get(config.method)
+  require(not given or getattr(method, 'READS_GENERATOR_CHECKPOINT', False),
+          'generator.checkpoint', given,
+          f"'' with method {config.method!r}, which trains its own generator or none")

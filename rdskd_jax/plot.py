@@ -16,7 +16,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
 
-from rdskd_jax import diagnostics, evaluation, metrics, stages  # noqa: E402
+from rdskd_jax import diagnostics, evaluation, metrics, runs, stages  # noqa: E402
 from rdskd_jax import workdir as workdir_lib  # noqa: E402
 from rdskd_jax.errors import ConfigError, DataError, RunStopped  # noqa: E402
 
@@ -94,9 +94,12 @@ def save_curves(workdir: str, path: str = '') -> str:
             if os.path.exists(report_path) else {})
   by_stage = lambda stage: [r for r in rows if r['stage'] == stage]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-  # Methods with one stage for both: DAFL, DFAD; DeepInversion's and ZSKD's synthesis.
-  synthesis = by_stage('deepinversion') or by_stage('zskd')
-  joint = by_stage('dafl') or by_stage('dfad') or synthesis
+  # A method with one stage for both networks names it after itself (report.json's
+  # `config.method`); a method without a generator logs its inputs' optimisation
+  # (train_steps.optimise_inputs: `best_total`).
+  method = report.get('config', {}).get('method', '')
+  joint = by_stage(method) if method else []
+  synthesis = joint if any('best_total' in r for r in joint) else []
   generator = by_stage('generator') or joint
   for name in _GENERATOR_CURVES:
     points = [(r['step'], r[name]) for r in generator if name in r]
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
     return 2
   try:
     print(save_curves(args.workdir))
-    run = workdir_lib.load_run(args.workdir)
+    run = runs.load_run(args.workdir)
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -39,20 +39,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rdskd_jax import (config_checks, data, evaluation, metrics, parallel, runner, stages,
-                       teacher as teacher_lib, train, train_steps, workdir as workdir_lib)
+from rdskd_jax import (config_checks, data, evaluation, methods, metrics, parallel, runner,
+                       stages, teacher as teacher_lib, train, workdir as workdir_lib)
 from rdskd_jax.errors import ConfigError, run_reporting_errors
+from rdskd_jax.methods import base
 
-# Fields that may differ within one vmapped group (no shape or program depends on them).
-VMAPPED_FIELDS = ('seed', 'generator.learning_rate', 'student.learning_rate',
-                  'dafl.generator_learning_rate', 'dafl.student_learning_rate',
-                  'dfad.generator_learning_rate', 'dfad.student_learning_rate')
-# The learning rates of each method's trained networks, by state path.
-_LEARNING_RATES = {
-    'rdskd': {'generator': ('generator.learning_rate',), 'student': ('student.learning_rate',)},
-    'dafl': {'dafl': ('dafl.generator_learning_rate', 'dafl.student_learning_rate')},
-    'dfad': {'dfad': ('dfad.generator_learning_rate', 'dfad.student_learning_rate')},
-}
+
+def vmapped_fields(config):
+  """Fields that may differ within one vmapped group (no shape or program depends on
+  them): the seed and the method's learning rates (its LEARNING_RATES)."""
+  rates = getattr(methods.get(config.method), 'LEARNING_RATES', {})
+  return ('seed', *(f for paths in rates.values() for f in paths.values()))
 
 
 def parse_grid(text: str) -> List[Dict[str, Any]]:
@@ -114,9 +111,9 @@ def run_configs(config, seeds: int, grid: List[Dict[str, Any]]):
 
 
 def group_key(config) -> str:
-  """Runs with equal keys differ only in VMAPPED_FIELDS and can share one program."""
+  """Runs with equal keys differ only in `vmapped_fields` and can share one program."""
   flat = json.loads(json.dumps(config.to_dict()))
-  for field in VMAPPED_FIELDS:
+  for field in vmapped_fields(config):
     *path, last = field.split('.')
     node = flat
     for part in path:
@@ -137,31 +134,34 @@ def _unit_learning_rates(config):
   """The config with every trained network's learning rate 1 (the runs' own rates then
   scale the updates; see train_steps.apply_gradients)."""
   unit = copy.deepcopy(config)
-  for fields in _LEARNING_RATES[config.method].values():
-    for field in fields:
-      _set(unit, field, 1.0)
+  for field in vmapped_fields(config)[1:]:
+    _set(unit, field, 1.0)
   return unit
 
 
 def _with_lr(state, config, stage):
-  """`state` with each trained network's `lr_scale` from `config`."""
-  fields = _LEARNING_RATES[config.method][stage]
-  if stage in stages.JOINT_METHODS:
-    return dict(state, generator=dict(state['generator'], lr_scale=jnp.float32(
-        _get(config, fields[0]))), student=dict(state['student'], lr_scale=jnp.float32(
-            _get(config, fields[1]))))
-  return dict(state, lr_scale=jnp.float32(_get(config, fields[0])))
+  """`state` with each trained network's `lr_scale` from `config`: the method's
+  LEARNING_RATES name, per stage, the field of each network's state ('': the root)."""
+  for path, field in methods.get(config.method).LEARNING_RATES[stage].items():
+    scale = jnp.float32(_get(config, field))
+    state = dict(state, lr_scale=scale) if not path else dict(
+        state, **{path: dict(state[path], lr_scale=scale)})
+  return state
 
 
-def _run_group_stage(stage, configs, workdir, states, frozen, frozen_axes, step_fn, total,
-                     log, derived=None):
-  """One stage for a group of runs at once (the stage runner with their states stacked),
-  resuming from the group's checkpoints; returns (stacked host state, seconds)."""
-  keys = jnp.stack([stages.stage_key(c, stage) for c in configs])
-  return runner.run_stage(stage, configs[0], workdir, parallel.RunBatch(len(configs),
-                                                                        frozen_axes),
-                          _stack(states), frozen, step_fn, total, log, keys,
-                          derived=derived)
+def _group_stage(configs, workdir, teacher_vars, log):
+  """The stage runner of a vmapped group (base.Group.stage): the runs' states, each with
+  its learning rates, stacked; the teacher shared, other frozen inputs one per run;
+  resuming from the group's checkpoints. Returns (stacked host state, seconds)."""
+  def stage(name, states, step_fn, total, frozen=None, derived=None):
+    states = [_with_lr(s, c, name) for s, c in zip(states, configs)]
+    frozen = dict(frozen or {})
+    axes = dict({k: 0 for k in frozen}, teacher=None)
+    keys = jnp.stack([stages.stage_key(c, name) for c in configs])
+    return runner.run_stage(name, configs[0], workdir, parallel.RunBatch(len(configs), axes),
+                            _stack(states), dict(frozen, teacher=teacher_vars), step_fn,
+                            total, log, keys, derived=derived)
+  return stage
 
 
 def prepare_group_workdir(configs, workdir: str) -> None:
@@ -185,36 +185,14 @@ def prepare_group_workdir(configs, workdir: str) -> None:
 
 
 def run_group(configs, workdir, teacher, generator, student, teacher_vars, channels,
-              test_images, test_labels):
+              num_classes, test_images, test_labels):
   """All runs of one group, vmapped; returns [{'test_accuracy', 'generated_agreement'}]."""
   prepare_group_workdir(configs, workdir)
   log = metrics.MetricsLog(workdir)
-  unit = [_unit_learning_rates(c) for c in configs]
-  frozen = {'teacher': teacher_vars}
-  seconds = {}
-  method = configs[0].method
-  if method in stages.JOINT_METHODS:
-    setups = [stages.joint_setup(u, channels, generator, teacher, student) for u in unit]
-    states = [_with_lr(s, c, method) for (s, _), c in zip(setups, configs)]
-    state, seconds[method] = _run_group_stage(
-        method, configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
-        configs[0][method].steps, log)
-    gen_vars = train_steps.variables_of(state['generator'])
-    student_vars = train_steps.variables_of(state['student'])
-  else:
-    setups = [stages.generator_setup(u, generator, teacher) for u in unit]
-    states = [_with_lr(s, c, 'generator') for (s, _), c in zip(setups, configs)]
-    state, seconds['generator'] = _run_group_stage(
-        'generator', configs, workdir, states, frozen, {'teacher': None}, setups[0][1],
-        configs[0].generator.steps, log)
-    gen_vars = train_steps.variables_of(state)
-    setups = [stages.student_setup(u, channels, generator, teacher, student) for u in unit]
-    states = [_with_lr(s, c, 'student') for (s, _), c in zip(setups, configs)]
-    state, seconds['student'] = _run_group_stage(
-        'student', configs, workdir, states, dict(frozen, generator=gen_vars),
-        {'teacher': None, 'generator': 0}, setups[0][1], configs[0].student.steps, log,
-        derived=stages.bank_rebuild(configs[0], generator, teacher))
-    student_vars = train_steps.variables_of(state)
+  gen_vars, student_vars, seconds = methods.get(configs[0].method).train_group(base.Group(
+      configs=configs, unit_configs=[_unit_learning_rates(c) for c in configs],
+      teacher=teacher, generator=generator, student=student, channels=channels,
+      num_classes=num_classes, stage=_group_stage(configs, workdir, teacher_vars, log)))
   results = []
   for r, config in enumerate(configs):
     g, s = _unstack(gen_vars, r), _unstack(student_vars, r)
@@ -233,24 +211,8 @@ def run_cost(config, seconds: float, whose: str) -> Dict[str, Any]:
   joint stage; over every call of a resumed run) and the generated samples its generator
   and its student were trained on. `whose` is 'its own' (a run alone) or 'group share'
   (a vmapped group's seconds divided by its runs)."""
-  if config.method == 'dfad':  # Each step: student_updates student batches, one generator's.
-    generator = config.dfad.steps * config.dfad.batch_size
-    student = generator * config.dfad.student_updates
-  elif config.method == 'dafl':
-    generator = student = config.dafl.steps * config.dafl.batch_size
-  elif config.method in stages.SYNTHESIS_METHODS:  # Images synthesised; the KD batches.
-    generator = config[config.method].steps * config[config.method].batch_size
-    student = config.student.steps * config.student.batch_size
-  else:
-    generator = config.generator.steps * config.generator.batch_size
-    student = config.student.steps * config.student.batch_size
-    if config.student.reuse > 1:  # The batches' images, of which 1/reuse were fresh.
-      return {'training_seconds': float(seconds), 'seconds_are': whose,
-              'generator_samples': generator, 'student_samples': student,
-              'student_fresh_samples': student // config.student.reuse
-              + stages.bank_size(config)}
   return {'training_seconds': float(seconds), 'seconds_are': whose,
-          'generator_samples': generator, 'student_samples': student}
+          **methods.get(config.method).cost(config)}
 
 
 def finished_report(config, workdir: str, teacher_fingerprint: str):
@@ -313,7 +275,7 @@ def sweep(config, workdir: str, seeds: int, grid_text: str, vmap: bool = True):
 def _sweep(config, workdir, seeds, grid_text, vmap):
   """sweep's work, with the sweep's workdir locked."""
   grid = parse_grid(grid_text)
-  if vmap and config.method in stages.SYNTHESIS_METHODS:
+  if vmap and not hasattr(methods.get(config.method), 'train_group'):
     raise ConfigError(f'config.method={config.method!r} with --vmap: expected --novmap (its '
                       'runs are run one by one; vmapped groups are for generator methods)')
   if vmap and config.generator.checkpoint:
@@ -355,7 +317,7 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
     for g, members in enumerate(groups.values()):
       out, seconds[f'group{g}'] = run_group(
           [runs[i][2] for i in members], os.path.join(workdir, 'groups', str(g)), teacher,
-          generator, student, teacher_vars, channels, test_images, test_labels)
+          generator, student, teacher_vars, channels, num_classes, test_images, test_labels)
       share = sum(seconds[f'group{g}'].values()) / len(members)
       for i, result in zip(members, out):
         results[i] = dict(result, group=g, **run_cost(runs[i][2], share, 'group share'))
@@ -365,10 +327,8 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
       run_dir = os.path.join(workdir, 'runs', str(i))
       report = (finished_report(run, run_dir, fingerprint)
                 or train.train_and_evaluate(run, run_dir))
-      one_stage = stages.JOINT_METHODS + stages.SYNTHESIS_METHODS
-      seconds[f'run{i}'] = ({run.method: report[run.method]['seconds']}
-                            if run.method in one_stage else
-                            {k: report[k]['seconds'] for k in ('generator', 'student')})
+      seconds[f'run{i}'] = {k: report[k]['seconds']
+                            for k in methods.get(run.method).STAGES}
       results[i] = {'test_accuracy': report['student']['test_accuracy'],
                     'generated_agreement': report['student']['generated_agreement'],
                     **run_cost(run, sum(seconds[f'run{i}'].values()), 'its own'),

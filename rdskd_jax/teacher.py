@@ -35,9 +35,11 @@ from typing import Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from rdskd_jax import models
+from rdskd_jax import workdir as workdir_lib
 from rdskd_jax.errors import ConfigError, run_reporting_errors
 
 STATE_DICT_SUFFIXES = ('.safetensors', '.pt', '.pth')
@@ -248,10 +250,34 @@ def check_contract(module, variables, image_shape, num_classes: int, what: str) 
                       f'expected (logits (N, {num_classes}), features (N, F))')
 
 
+def restore_teacher(config, model, channels: int):
+  """The variables at `config.teacher.checkpoint`: a `teacher_variables` directory, or a
+  PyTorch state_dict file (`.safetensors`, `.pt`, `.pth`; see `rdskd_jax.teacher`)."""
+  path = os.path.abspath(config.teacher.checkpoint)
+  image_shape = (config.image_size, config.image_size, channels)
+  if is_state_dict_file(path):
+    return from_state_dict(model, read_state_dict(path), image_shape,
+                           what=f'config.teacher.checkpoint={path!r}')
+  if not os.path.isdir(path):
+    raise ConfigError(
+        f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
+        'directory (expected the teacher_variables directory of an earlier run, or a '
+        'PyTorch state_dict: .safetensors, .pt, .pth)')
+  template = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)))
+  try:
+    restored = ocp.StandardCheckpointer().restore(
+        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
+  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+    raise ConfigError(
+        f'config.teacher.checkpoint={config.teacher.checkpoint!r}: not a readable '
+        f'{config.teacher.model} checkpoint ({type(e).__name__})') from None
+  return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
+
+
+
 # ------------------------------------------------------------------- command line
 
 def _convert(args) -> int:
-  from rdskd_jax import workdir as workdir_lib
   state = read_state_dict(args.input)
   num_classes, channels = infer_shape(state, args.model)
   module = models.create_classifier(args.model, num_classes)

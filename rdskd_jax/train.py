@@ -4,9 +4,11 @@ distilled on generated samples only, both classifiers evaluated on the real test
 `train_and_evaluate(config, workdir)` is the one entry point of the command line, the tests
 and the notebooks. Each stage resumes from its latest checkpoint in the workdir, and its
 random streams derive from (seed, stage, step), so a resumed run computes what an
-uninterrupted one does. Where things live: the steps in `train_steps.py`, each stage's state in
-`stages.py`, the loop in `runner.py`, the workdir's files in `workdir.py`, the measures in
-`evaluation.py` and `diagnostics.py`.
+uninterrupted one does. Where things live: each method's stages and steps in its module
+under `methods/` (reached through `methods.get(config.method)`), the machinery they share
+in `train_steps.py`, the teacher's stage and the run's keys in `stages.py`, the loop in
+`runner.py`, the workdir's files in `workdir.py`, the measures in `evaluation.py` and
+`diagnostics.py`.
 """
 
 import os
@@ -14,12 +16,12 @@ import time
 from typing import Any, Dict
 
 import jax
-import numpy as np
 
-from rdskd_jax import (config_checks, data, diagnostics, evaluation, metrics, parallel, plot,
-                       runner, stages, teacher as teacher_lib, train_steps,
+from rdskd_jax import (config_checks, data, diagnostics, evaluation, methods, metrics,
+                       parallel, plot, runner, stages, teacher as teacher_lib, train_steps,
                        workdir as workdir_lib)
 from rdskd_jax.errors import ConfigError
+from rdskd_jax.methods import base
 
 
 def setup_parallel(config) -> parallel.DataParallel:
@@ -42,7 +44,7 @@ def teacher_variables(config, workdir, par, model, log, channels, given=None):
   if given is not None:
     return given[1], {'source': f'python ({type(given[0]).__name__})', 'seconds': 0.0}
   if config.teacher.checkpoint:
-    variables = workdir_lib.restore_teacher(config, model, channels)
+    variables = teacher_lib.restore_teacher(config, model, channels)
     return variables, {'checkpoint': os.path.abspath(config.teacher.checkpoint), 'seconds': 0.0}
   images, labels = data.load_split(config, 'train', config.teacher.max_train_examples)
   state, step_fn, total, batches = stages.teacher_setup(config, model, channels, images,
@@ -102,6 +104,15 @@ class Report:
     """A stage's training seconds over all runs of the workdir."""
     return self.content.get(section, {}).get('seconds', 0.0) + this_run
 
+  def check_same_network(self, section: str, fingerprint: str) -> None:
+    """A ConfigError when the workdir's report records another network (by fingerprint)
+    in `section`: a resumed run must be given the networks it started with."""
+    saved = self.content.get(section, {}).get('fingerprint')
+    if saved and saved != fingerprint:
+      raise ConfigError(f'{os.path.dirname(self.path)} was run with another {section} '
+                        f'(fingerprint {saved}, this one {fingerprint}); give it the same '
+                        f'{section}, or another workdir')
+
   def add(self, section: str, entries: Dict[str, Any]) -> None:
     self.content[section] = {**self.content.get(section, {}), **entries}
     workdir_lib.write_json_atomic(self.path, self.content)
@@ -156,18 +167,15 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
   t0 = time.perf_counter()
   teacher_vars, teacher_report = teacher_variables(config, workdir, par, teacher, log,
                                                    channels, given_teacher)
-  for field in ('generator.bn_prior_weight', 'deepinversion.bn_weight'):
+  method = methods.get(config.method)
+  for field in method.BATCHNORM_PRIOR_FIELDS:
     section, name = field.split('.')
     if config[section][name] > 0 and 'batch_stats' not in teacher_vars:
       raise ConfigError(
           f'config.{field}={config[section][name]}: expected 0 for teacher '
           f'{config.teacher.model!r}, which has no BatchNorm statistics to match')
   teacher_report['fingerprint'] = teacher_lib.fingerprint(teacher_vars)
-  saved = report.content.get('teacher', {}).get('fingerprint')
-  if saved and saved != teacher_report['fingerprint']:
-    raise ConfigError(f'{workdir} was run with another teacher (fingerprint {saved}, this '
-                      f"one {teacher_report['fingerprint']}); give it the same teacher, or "
-                      'another workdir')
+  report.check_same_network('teacher', teacher_report['fingerprint'])
   stage_seconds = teacher_report['seconds']  # In this call's stage loops (steps, checkpoints).
   teacher_report.update(test_accuracy(teacher, teacher_vars))
   if 'steps' in teacher_report:  # Trained here: resumed runs add their seconds.
@@ -193,72 +201,37 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
     """Reporting only: the student's accuracy on the test split."""
     return test_accuracy(student, train_steps.variables_of(student_state))
 
+  def diagnose(step, measure):
+    """Reporting only, once per run: report.json's diagnostics of the samples."""
+    if 'diagnostics' in report.content:
+      return
+    values = measure()
+    log.write('diagnostics', step, values)
+    log.flush()
+    report.add('diagnostics', values)
+    metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
+
   def stage(name, state, frozen, step_fn, total, report_fn, report_every, derived=None):
     return runner.run_stage(name, config, workdir, par, state, frozen, step_fn, total, log,
                             stages.stage_key(config, name), report_every=report_every,
                             report_fn=report_fn, derived=derived)
 
-  frozen = {'teacher': teacher_vars}
-  if config.method in stages.SYNTHESIS_METHODS:
-    stage_seconds += _synthesis_method(config, workdir, report, log, stage, frozen,
-                                       channels, num_classes, teacher, student,
-                                       test_images, student_accuracy, test_accuracy)
-  else:
-    joint = config.method in stages.JOINT_METHODS
-    if joint:
-      state, step_fn = stages.joint_setup(config, channels, generator, teacher, student)
-      state, seconds = stage(
-          config.method, state, frozen, step_fn, config[config.method].steps, lambda s: {
-              **watch_generator(s['generator']), **student_accuracy(s['student'])},
-          config.student.eval_every)
-      stage_seconds += seconds
-      gen_vars, student_vars = (train_steps.variables_of(state['generator']),
-                                train_steps.variables_of(state['student']))
-      student_steps = config[config.method].steps
-      student_seconds = report.total_seconds(config.method, seconds)
-      report.add(config.method, {'steps': student_steps, 'seconds': student_seconds})
-      report.add('generator', {'steps': student_steps, 'seconds': student_seconds,
-                               'trained_with': 'student'})
-    else:
-      gen_vars, gen_report, seconds = _generator(config, workdir, report, stage, frozen,
-                                                 generator, teacher, channels,
-                                                 teacher_report['fingerprint'],
-                                                 watch_generator)
-      stage_seconds += seconds
-      report.add('generator', gen_report)
-    if 'diagnostics' not in report.content:  # Once per trained generator; reporting only.
-      values = diagnostics.generator_diagnostics(
-          generator, gen_vars, teacher, teacher_vars, gcfg.latent_dim, watch_key,
-          config.diagnostic_samples, test_images=test_images, **evaluation.sampling(config))
-      log.write('diagnostics', report.content['generator']['steps'], values)
-      log.flush()
-      report.add('diagnostics', values)
-      metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
-    if not joint:
-      state, step_fn = stages.student_setup(config, channels, generator, teacher, student)
-      state, seconds = stage('student', state, dict(frozen, generator=gen_vars), step_fn,
-                             config.student.steps, student_accuracy, config.student.eval_every,
-                             derived=stages.bank_rebuild(config, generator, teacher))
-      stage_seconds += seconds
-      student_vars = train_steps.variables_of(state)
-      student_steps = config.student.steps
-      student_seconds = report.total_seconds('student', seconds)
-
-    agreement = evaluation.generated_agreement(
-        generator, gen_vars, teacher, teacher_vars, student, student_vars, gcfg.latent_dim,
-        stages.stage_key(config, 'fidelity'), num_samples=config.student.agreement_samples,
-        **evaluation.sampling(config))
-    accuracy = test_accuracy(student, student_vars)
-    report.add('student', {'steps': student_steps, **accuracy,
-                           'generated_agreement': agreement, 'seconds': student_seconds,
-                           **({} if joint else _bank_report(config, state))})
-    metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
-                f'[student] agreement with the teacher on generated samples {agreement:.4f}')
-
-    if config.figures and parallel.is_main_process():
-      plot.save_samples(os.path.join(workdir, 'samples.png'), generator, gen_vars, teacher,
-                        teacher_vars, gcfg.latent_dim, config, stages.samples_key(config))
-      plot.save_curves(workdir)
+  outcome = method.train(base.Context(
+      config=config, workdir=workdir, report=report, teacher=teacher, generator=generator,
+      student=student, teacher_vars=teacher_vars,
+      teacher_fingerprint=teacher_report['fingerprint'], channels=channels,
+      num_classes=num_classes, stage=stage, watch_generator=watch_generator,
+      student_accuracy=student_accuracy,
+      diagnose_generator=lambda variables, step: diagnose(step, lambda: (
+          diagnostics.generator_diagnostics(
+              generator, variables, teacher, teacher_vars, gcfg.latent_dim, watch_key,
+              config.diagnostic_samples, test_images=test_images,
+              **evaluation.sampling(config)))),
+      diagnose_images=lambda images, step: diagnose(step, lambda: (
+          diagnostics.image_diagnostics(images, teacher, teacher_vars, test_images)))))
+  stage_seconds += outcome.seconds
+  _report_student(config, workdir, report, outcome, networks=(teacher, generator, student),
+                  teacher_vars=teacher_vars, test_accuracy=test_accuracy)
   # This call alone (a resumed run times its own part): the time outside the stages' loops
   # is set-up, evaluation, the reporting callbacks, diagnostics, agreement and figures.
   wall = time.perf_counter() - t_call
@@ -267,84 +240,33 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
   return report.content
 
 
-def _generator(config, workdir, report, stage, frozen, generator, teacher, channels,
-               teacher_fingerprint, watch_generator):
-  """The frozen generator of the student stage: from config.generator.checkpoint (its
-  stage skipped), else trained (or resumed) here and saved alone in
-  `<workdir>/generator_variables`. Returns (variables, report entries, loop seconds)."""
-  gcfg = config.generator
-  if gcfg.checkpoint:
-    gen_vars, record = workdir_lib.restore_generator(config, generator, channels,
-                                                     teacher_fingerprint)
-    entries = {'checkpoint': os.path.abspath(gcfg.checkpoint), 'steps': record['steps'],
-               'seconds': 0.0}
-    seconds = 0.0
+def _report_student(config, workdir, report, outcome, *, networks, teacher_vars,
+                    test_accuracy):
+  """The student's entries in report.json (test accuracy for reporting, agreement with the
+  teacher on generated samples, or on the synthesised set of a method without a
+  generator) and the figures."""
+  teacher, generator, student = networks
+  if outcome.images is None:
+    agreement = evaluation.generated_agreement(
+        generator, outcome.generator_vars, teacher, teacher_vars, student,
+        outcome.student_vars, config.generator.latent_dim, stages.stage_key(config, 'fidelity'),
+        num_samples=config.student.agreement_samples, **evaluation.sampling(config))
+    on = 'generated samples'
   else:
-    state, step_fn = stages.generator_setup(config, generator, teacher)
-    state, seconds = stage('generator', state, frozen, step_fn, gcfg.steps, watch_generator,
-                           config.image_every)
-    gen_vars = train_steps.variables_of(state)
-    workdir_lib.save_generator_variables(workdir, gen_vars, {
-        'teacher_fingerprint': teacher_fingerprint, 'steps': gcfg.steps,
-        'shape': {'latent_dim': gcfg.latent_dim, 'width': gcfg.width,
-                  'subpixel': gcfg.subpixel, 'image_size': config.image_size,
-                  'channels': channels}})
-    entries = {'steps': gcfg.steps, 'seconds': report.total_seconds('generator', seconds)}
-  entries['fingerprint'] = teacher_lib.fingerprint(gen_vars)
-  saved = report.content.get('generator', {}).get('fingerprint')
-  if saved and saved != entries['fingerprint']:
-    raise ConfigError(f'{workdir} was run with another generator (fingerprint {saved}, this '
-                      f"one {entries['fingerprint']}); give it the same generator, or "
-                      'another workdir')
-  return gen_vars, entries, seconds
-
-
-def _bank_report(config, state):
-  """What report.json says of the student's samples: their reuse, and the bank's images
-  and bytes (images and the teacher's logits; every device holds the whole bank, and
-  every checkpoint of the stage too)."""
-  bank = state.get('bank')
-  return {'reuse': config.student.reuse, 'bank_size': stages.bank_size(config),
-          'bank_bytes': 0 if bank is None else int(sum(np.asarray(x).nbytes
-                                                       for x in jax.tree.leaves(bank)))}
-
-
-def _synthesis_method(config, workdir, report, log, stage, frozen, channels, num_classes,
-                      teacher, student, test_images, student_accuracy, test_accuracy):
-  """A method without a generator (stages.SYNTHESIS_METHODS): its one stage synthesises
-  the image set and trains the student on it; the diagnostics, the agreement and
-  samples.png are measured on the synthesised set. Returns the stage's loop seconds."""
-  mcfg, scfg = config[config.method], config.student
-  updates = scfg.steps // mcfg.steps
-  state, step_fn = stages.synthesis_setup(config, channels, num_classes, teacher, student)
-  frozen = stages.synthesis_frozen(config, frozen['teacher'], num_classes)
-  # student.eval_every counts KD steps; the stage's steps each take `updates` of them.
-  every = -(-scfg.eval_every // updates) if scfg.eval_every else 0
-  state, seconds = stage(config.method, state, frozen, step_fn, stages.synthesis_steps(config),
-                         lambda s: student_accuracy(s['student']), every)
-  bank = np.asarray(state['bank'])
-  teacher_vars = frozen['teacher']
-  student_vars = train_steps.variables_of(state['student'])
-  total = report.total_seconds(config.method, seconds)
-  report.add(config.method, {'steps': stages.synthesis_steps(config), 'images': len(bank),
-                             'seconds': total})
-  if 'diagnostics' not in report.content:  # Reporting only.
-    values = diagnostics.image_diagnostics(bank[:config.diagnostic_samples], teacher,
-                                           teacher_vars, test_images)
-    log.write('diagnostics', stages.synthesis_steps(config), values)
-    log.flush()
-    report.add('diagnostics', values)
-    metrics.say('[diagnostics] ' + ' '.join(f'{k}={v:.4g}' for k, v in values.items()))
-  agreement = evaluation.image_agreement(teacher, teacher_vars, student, student_vars,
-                                         bank[:scfg.agreement_samples])
-  accuracy = test_accuracy(student, student_vars)
-  report.add('student', {'steps': scfg.steps, **accuracy, 'generated_agreement': agreement,
-                         'agreement_on': 'the synthesised set, which the student trained on',
-                         'seconds': total})
+    agreement = evaluation.image_agreement(teacher, teacher_vars, student, outcome.student_vars,
+                                           outcome.images[:config.student.agreement_samples])
+    on = 'the synthesised set'
+  accuracy = test_accuracy(student, outcome.student_vars)
+  report.add('student', {'steps': outcome.student_steps, **accuracy,
+                         'generated_agreement': agreement, 'seconds': outcome.student_seconds,
+                         **(outcome.student_entries or {})})
   metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
-              f'[student] agreement with the teacher on the synthesised set {agreement:.4f}')
+              f'[student] agreement with the teacher on {on} {agreement:.4f}')
   if config.figures and parallel.is_main_process():
-    plot.save_class_grid(os.path.join(workdir, 'samples.png'), bank[-512:], teacher,
-                         teacher_vars, config)
+    path = os.path.join(workdir, 'samples.png')
+    if outcome.images is None:
+      plot.save_samples(path, generator, outcome.generator_vars, teacher, teacher_vars,
+                        config.generator.latent_dim, config, stages.samples_key(config))
+    else:
+      plot.save_class_grid(path, outcome.images[-512:], teacher, teacher_vars, config)
     plot.save_curves(workdir)
-  return seconds

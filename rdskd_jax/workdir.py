@@ -1,5 +1,5 @@
-"""A run's workdir: Orbax checkpoints, the saved teacher variables, config.json and
-report.json, and `load_run`, which restores a finished (or partly finished) run.
+"""A run's workdir: Orbax checkpoints, the saved teacher and generator variables,
+config.json and report.json (`runs.load_run` restores a run from them).
 
     W/config.json           the config the run was started with (checked on every resume)
     W/report.json           accuracies, seconds, diagnostics (written as stages finish)
@@ -18,19 +18,17 @@ import shutil
 import socket
 import sys
 import time
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from rdskd_jax import parallel, stages, train_steps
-from rdskd_jax import teacher as teacher_lib
-from rdskd_jax.errors import ConfigError, RunStopped, StorageError
+from rdskd_jax import methods, parallel
+from rdskd_jax.errors import ConfigError, StorageError
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -108,30 +106,6 @@ def restore_latest_readable(manager, template, stage: str):
         multihost_utils.sync_global_devices(f'set aside {path}')
       manager.reload()
   return template, 0
-
-
-def restore_teacher(config, model, channels: int):
-  """The variables at `config.teacher.checkpoint`: a `teacher_variables` directory, or a
-  PyTorch state_dict file (`.safetensors`, `.pt`, `.pth`; see `rdskd_jax.teacher`)."""
-  path = os.path.abspath(config.teacher.checkpoint)
-  image_shape = (config.image_size, config.image_size, channels)
-  if teacher_lib.is_state_dict_file(path):
-    return teacher_lib.from_state_dict(model, teacher_lib.read_state_dict(path), image_shape,
-                                       what=f'config.teacher.checkpoint={path!r}')
-  if not os.path.isdir(path):
-    raise ConfigError(
-        f'config.teacher.checkpoint={config.teacher.checkpoint!r}: no such checkpoint '
-        'directory (expected the teacher_variables directory of an earlier run, or a '
-        'PyTorch state_dict: .safetensors, .pt, .pth)')
-  template = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)))
-  try:
-    restored = ocp.StandardCheckpointer().restore(
-        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
-  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
-    raise ConfigError(
-        f'config.teacher.checkpoint={config.teacher.checkpoint!r}: not a readable '
-        f'{config.teacher.model} checkpoint ({type(e).__name__})') from None
-  return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
 
 
 def save_variables(path: str, variables, what: str = 'the teacher variables') -> None:
@@ -244,7 +218,7 @@ def config_differences(saved: Dict[str, Any], config) -> Dict[str, tuple]:
   new = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict())), sep='.')
   # A method's own block (config.dafl, config.zskd, ...) changes nothing in another method's
   # run, and a block added later is absent from older saved configs.
-  unused = {m for m in stages.JOINT_METHODS + stages.SYNTHESIS_METHODS if config.method != m}
+  unused = set(methods.METHODS) - {config.method}
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if k not in RESUMABLE_FIELDS and k.split('.')[0] not in unused
           and old.get(k) != new.get(k)}
@@ -335,89 +309,3 @@ def prepare_workdir(config, workdir: str, overwrite: bool = False) -> None:
           os.remove(path)
   if not os.path.exists(saved_path):
     write_json_atomic(saved_path, config.to_dict())
-
-
-class Run(NamedTuple):
-  """A run's networks as restored from its workdir (see `load_run`)."""
-  config: Any
-  teacher: Any
-  teacher_vars: Any
-  generator: Any
-  generator_vars: Any
-  student: Any
-  student_vars: Any  # None until the student stage has a checkpoint.
-  images: Any = None  # A method without a generator: its synthesised set (generator None).
-
-
-def load_run(workdir: str, teacher=None) -> Run:
-  """The config (as run) and the trained networks of a workdir, from report.json and the
-  latest checkpoints; for plots and notebooks. Raises RunStopped when the run has not
-  got as far as a generator checkpoint (for a method without a generator, its stage's
-  first checkpoint; its Run holds the images synthesised by then).
-
-  `teacher`: (module, variables), the Flax teacher a run was given from Python
-  (`train.train_and_evaluate(..., teacher=...)`); such a run saved no teacher, and the
-  one given must have the fingerprint its report.json records."""
-  report_path = os.path.join(workdir, 'report.json')
-  fix = "run the job's command again to rebuild it"
-  if not os.path.exists(report_path) or 'dataset_fields' not in read_json(report_path, fix):
-    raise RunStopped(f'{workdir!r} has no report.json of this version: run the job first')
-  report = read_json(report_path, fix)
-  config = ml_collections.ConfigDict(with_fields_added_later(report['config']))
-  fields = report['dataset_fields']
-  teacher_module, generator, student = stages.build_networks(config, fields['num_classes'],
-                                                             fields['channels'])
-  ran_with = report.get('teacher', {})
-  if teacher is not None:
-    teacher_module, teacher_vars = teacher
-    given = teacher_lib.fingerprint(teacher_vars)
-    if ran_with.get('fingerprint') not in (None, given):
-      raise ConfigError(f'{workdir!r} was run with another teacher (fingerprint '
-                        f"{ran_with['fingerprint']}, the one given {given})")
-  elif str(ran_with.get('source', '')).startswith('python'):
-    raise ConfigError(f"{workdir!r} was run with a teacher given from Python "
-                      f"({ran_with['source']}), which no workdir holds; pass it: "
-                      'load_run(workdir, teacher=(module, variables))')
-  else:
-    with config.unlocked():
-      config.teacher.checkpoint = (config.teacher.checkpoint or
-                                   os.path.join(workdir, 'teacher_variables'))
-    teacher_vars = restore_teacher(config, teacher_module, fields['channels'])
-  teacher = teacher_module
-
-  def latest(stage, template):
-    manager = checkpoint_manager(workdir, stage)
-    step = manager.latest_step()
-    return None if step is None else restore_like(manager, step, template)
-
-  if config.method in stages.SYNTHESIS_METHODS:
-    state = latest(config.method, stages.synthesis_setup(
-        config, fields['channels'], fields['num_classes'], teacher, student)[0])
-    if state is None:
-      raise RunStopped(f'{workdir!r} has no {config.method} checkpoint yet')
-    mcfg = config[config.method]
-    filled = min(int(state['step']), mcfg.steps) * mcfg.batch_size
-    return Run(config, teacher, teacher_vars, None, None, student,
-               train_steps.variables_of(state['student']), np.asarray(state['bank'][:filled]))
-  if config.method in stages.JOINT_METHODS:
-    joint = latest(config.method, stages.joint_setup(config, fields['channels'], generator,
-                                                     teacher, student)[0])
-    generator_state, student_state = (None, None) if joint is None else (
-        joint['generator'], joint['student'])
-  else:
-    generator_state = (None if config.generator.checkpoint else
-                       latest('generator', stages.generator_setup(config, generator, teacher)[0]))
-    student_template = stages.student_setup(config, fields['channels'], generator, teacher,
-                                            student)[0]
-    # Checkpoints leave the bank out (runner.run_stage's `derived`); load_run needs none.
-    student_state = latest('student', {k: v for k, v in student_template.items()
-                                       if k != 'bank'})
-  if config.generator.checkpoint:
-    generator_vars, _ = restore_generator(config, generator, fields['channels'],
-                                          teacher_lib.fingerprint(teacher_vars))
-  elif generator_state is None:
-    raise RunStopped(f'{workdir!r} has no generator checkpoint yet')
-  else:
-    generator_vars = train_steps.variables_of(generator_state)
-  student_vars = None if student_state is None else train_steps.variables_of(student_state)
-  return Run(config, teacher, teacher_vars, generator, generator_vars, student, student_vars)

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import metrics, parallel, runner, stages, train, train_steps
+from rdskd_jax import bank, metrics, parallel, runner, stages, train, train_steps
 from rdskd_jax.errors import ConfigError
+from rdskd_jax.methods import rdskd
 
 from test_reliability import _rows, assert_same_result
 
@@ -62,10 +63,10 @@ def _student_stage(workdir, config, total=None, fail_after=None):
   after that step, before any checkpoint of it."""
   teacher, generator, student, frozen = _networks(config)
   par = parallel.DataParallel(config.parallel, config.num_devices)
-  state, step_fn = stages.student_setup(config, 1, generator, teacher, student)
+  state, step_fn = rdskd.student_setup(config, 1, 10, generator, teacher, student)
   extra = {}
   if config.student.reuse > 1:
-    extra['derived'] = stages.bank_rebuild(config, generator, teacher)
+    extra['derived'] = bank.derived(config, generator, teacher)
   if fail_after:
     def report_fn(state):
       raise KeyboardInterrupt(f'stopped after step {int(state["step"])}')

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import config_lib, losses, train, train_steps
-from rdskd_jax import workdir as workdir_lib
+from rdskd_jax import config_lib, losses, runs, train, train_steps
 
 
 def test_activation_loss_is_minus_mean_absolute_feature():
@@ -103,5 +102,5 @@ def test_dafl_tiny_end_to_end(tiny_config, tmp_path):
   assert [r['step'] for r in joint if 'test_accuracy' in r] == [3, 6]
   assert not [r for r in rows if r['stage'] in ('generator', 'student')]
   assert os.path.getsize(os.path.join(tmp_path, 'curves.png')) > 1000
-  run = workdir_lib.load_run(str(tmp_path))
+  run = runs.load_run(str(tmp_path))
   assert run.student_vars is not None and run.config.method == 'dafl'

@@ -19,6 +19,7 @@ from configs import mnist
 from rdskd_jax import (config_checks, errors, metrics, models, parallel, plot, runner,
                        stages, train, train_steps)
 from rdskd_jax import workdir as workdir_lib
+from rdskd_jax.methods import rdskd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +94,7 @@ def _generator_stage(config, workdir, total):
   teacher = models.create_classifier('lenet5', 10)
   teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
   generator = models.Generator(width=config.generator.width)
-  state, step_fn = stages.generator_setup(config, generator, teacher)
+  state, step_fn = rdskd.generator_setup(config, generator, teacher)
   state, _ = runner.run_stage('generator', config, str(workdir), parallel.DataParallel('none'),
                               state, {'teacher': teacher_vars}, step_fn, total,
                               metrics.MetricsLog(str(workdir)),

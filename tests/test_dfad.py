@@ -13,6 +13,7 @@ import pytest
 
 from configs import mnist
 from rdskd_jax import losses, stages, train
+from rdskd_jax.methods import dfad
 
 from test_parallel import assert_same_run
 from test_reliability import _finish, _rows, _start_and_signal, assert_same_result
@@ -50,7 +51,7 @@ def test_one_step_trains_the_student_then_the_generator(mnist_data_dir):
   config = _dfad(mnist_data_dir, **{'dfad.student_updates': 3, 'dfad.batch_size': 32})
   teacher, generator, student = stages.build_networks(config, 10, 1)
   teacher_vars = teacher.init(jax.random.key(5), jnp.zeros((1, 32, 32, 1)))
-  state, step_fn = stages.dfad_setup(config, 1, generator, teacher, student)
+  state, step_fn = dfad.setup(config, 1, generator, teacher, student)
   step = jax.jit(lambda s: step_fn(s, {'teacher': teacher_vars}, jax.random.key(0),
                                    axis_name=None))
   new, metrics = step(state)

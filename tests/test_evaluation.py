@@ -7,6 +7,7 @@ import numpy as np
 
 from configs import mnist
 from rdskd_jax import diagnostics, evaluation, stages, train_steps
+from rdskd_jax.methods import rdskd
 
 
 def _perturbed(variables, scale):
@@ -16,7 +17,7 @@ def _perturbed(variables, scale):
 def _networks():
   config = mnist.get_config('tiny')
   teacher, generator, student = stages.build_networks(config, 10, 1)
-  gen_vars = train_steps.variables_of(stages.generator_setup(config, generator, teacher)[0])
+  gen_vars = train_steps.variables_of(rdskd.generator_setup(config, generator, teacher)[0])
   teacher_vars = teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
   student_vars = student.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
   return config, teacher, teacher_vars, generator, gen_vars, student, student_vars

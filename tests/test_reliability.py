@@ -15,7 +15,9 @@ import pytest
 
 from configs import mnist
 from rdskd_jax import config_lib, errors, metrics, models, parallel, runner, stages, train
+from rdskd_jax import teacher as teacher_lib
 from rdskd_jax import workdir as workdir_lib
+from rdskd_jax.methods import rdskd
 
 # One worker runs the whole file (pytest-xdist): its tests share the uninterrupted fixture.
 pytestmark = pytest.mark.xdist_group('test_reliability')
@@ -112,7 +114,7 @@ def _generator_setup(config):
   teacher = models.create_classifier('lenet5', 10)
   teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
   generator = models.Generator(width=config.generator.width)
-  state, step_fn = stages.generator_setup(config, generator, teacher)
+  state, step_fn = rdskd.generator_setup(config, generator, teacher)
   poisoned = jax.tree.map(lambda x: x * jnp.nan, teacher_vars)
   return par, state, step_fn, teacher_vars, poisoned
 
@@ -179,7 +181,7 @@ def test_corrupted_teacher_checkpoint_is_a_config_error(tmp_path):
   config = mnist.get_config('smoke')
   config.teacher.checkpoint = str(bad)
   with pytest.raises(config_lib.ConfigError, match='not a readable lenet5 checkpoint'):
-    workdir_lib.restore_teacher(config, models.create_classifier('lenet5', 10), 1)
+    teacher_lib.restore_teacher(config, models.create_classifier('lenet5', 10), 1)
 
 
 def test_cli_unwritable_workdir_is_one_line_error(tmp_path):

@@ -17,7 +17,8 @@ import pytest
 from configs import mnist
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rdskd_jax import losses, parallel, plot, stages, sweep, train, train_steps, workdir
+from rdskd_jax import (losses, methods, parallel, plot, runs, stages, sweep, train,
+                       train_steps)
 
 from test_reliability import _finish, _rows, _start_and_signal, assert_same_result
 import test_reliability
@@ -68,8 +69,9 @@ def test_input_gradients_on_two_devices_equal_one_device(mode):
 def _setup(config):
   teacher, _, student = stages.build_networks(config, 10, 1)
   teacher_vars = teacher.init(jax.random.key(5), jnp.zeros((1, 32, 32, 1)))
-  state, step_fn = stages.synthesis_setup(config, 1, 10, teacher, student)
-  frozen = stages.synthesis_frozen(config, teacher_vars, 10)
+  method = methods.get(config.method)
+  state, step_fn = method.setup(config, 1, 10, teacher, student)
+  frozen = method.frozen(config, teacher_vars, 10)
   return teacher, frozen, student, state, step_fn
 
 
@@ -223,7 +225,7 @@ def test_tiny_end_to_end(mnist_data_dir, tmp_path, method):
     assert logged[-1]['impression'] == 0 and logged[-1]['kd'] > 0
   assert 'test_accuracy' in logged[0]
   assert os.path.getsize(tmp_path / 'samples.png') > 1000
-  run = workdir.load_run(str(tmp_path))  # No generator: the synthesised set instead.
+  run = runs.load_run(str(tmp_path))  # No generator: the synthesised set instead.
   assert run.generator is None and run.images.shape == (batches * batch, 32, 32, 1)
   os.remove(tmp_path / 'samples.png')
   assert plot.main([f'--workdir={tmp_path}']) == 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rdskd_jax import data, models, prepare, teacher, train, workdir
+from rdskd_jax import data, models, prepare, runs, teacher, train
 from rdskd_jax.errors import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'data', 'teachers')
@@ -129,7 +129,7 @@ def test_convert_writes_teacher_variables_and_reports_test_accuracy(tmp_path, ca
   config = mnist.get_config('smoke')
   config.teacher.checkpoint = out
   module = models.create_classifier('lenet5', 10)
-  restored = workdir.restore_teacher(config, module, 1)
+  restored = teacher.restore_teacher(config, module, 1)
   direct = load_lenet(fixture('lenet5'))
   jax.tree.map(np.testing.assert_array_equal, restored, direct)
   with pytest.raises(SystemExit) as exit_:  # --out must be new.
@@ -237,13 +237,13 @@ def test_a_flax_module_teacher_from_python(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match='was run with another teacher'):
     train.train_and_evaluate(config, str(tmp_path / 'run'), teacher=(module, other))
   # Plots and notebooks restore such a run given its teacher again, and only that one.
-  run = workdir.load_run(str(tmp_path / 'run'), teacher=(module, variables))
+  run = runs.load_run(str(tmp_path / 'run'), teacher=(module, variables))
   assert run.teacher is module and run.student_vars is not None
   assert teacher.fingerprint(run.teacher_vars) == report['teacher']['fingerprint']
   with pytest.raises(ConfigError, match=r'a teacher given from Python \(python \(TinyTeacher\)\)'):
-    workdir.load_run(str(tmp_path / 'run'))
+    runs.load_run(str(tmp_path / 'run'))
   with pytest.raises(ConfigError, match='was run with another teacher'):
-    workdir.load_run(str(tmp_path / 'run'), teacher=(module, other))
+    runs.load_run(str(tmp_path / 'run'), teacher=(module, other))
 
   class LogitsOnly(nn.Module):
     @nn.compact

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdskd_jax import data, metrics, parallel, stages, train_steps
+from rdskd_jax import data, methods, metrics, parallel, stages, train_steps
 from rdskd_jax import workdir as workdir_lib
+from rdskd_jax.methods import rdskd
 
 
 def test_random_shift_moves_content_and_fills_the_border():
@@ -48,12 +49,12 @@ def _student_steps(config, mode, devices, steps=2):
   """The student's state after `steps` steps on the tiny networks, from a fresh generator
   whose running BatchNorm statistics are far from any batch's."""
   teacher, generator, student = stages.build_networks(config, 10, 1)
-  gen_state, _ = stages.generator_setup(config, generator, teacher)
+  gen_state, _ = rdskd.generator_setup(config, generator, teacher)
   gen_vars = train_steps.variables_of(gen_state)
   gen_vars['batch_stats'] = jax.tree.map(lambda v: v + 3.0, gen_vars['batch_stats'])
   teacher_params, _ = train_steps.classifier_init(teacher, jax.random.key(5), (32, 32, 1))
   frozen = {'teacher': {'params': teacher_params}, 'generator': gen_vars}
-  state, step_fn = stages.student_setup(config, 1, generator, teacher, student)
+  state, step_fn = rdskd.student_setup(config, 1, 10, generator, teacher, student)
   par = parallel.DataParallel(mode, devices)
   step = par.wrap(step_fn)
   state, frozen = par.replicate(state), par.replicate(frozen)
@@ -102,16 +103,17 @@ def test_every_stream_of_every_seed_has_its_own_key(smoke_config):
   for seed in range(3):
     config = smoke_config.copy_and_resolve_references()
     config.seed = seed
-    for name in stages.STAGE_KEYS:
+    for name in [*stages.STAGE_KEYS, *methods.STAGE_KEYS]:
       keys[seed, name] = tuple(np.asarray(jax.random.key_data(stages.stage_key(config, name))))
-  assert len(set(keys.values())) == len(keys) == 3 * len(stages.STAGE_KEYS)
+  assert len(set(keys.values())) == len(keys) == 3 * (len(stages.STAGE_KEYS)
+                                                       + len(methods.STAGE_KEYS))
   for network in ('teacher', 'generator', 'student'):
     assert keys[0, f'{network}_init'] == tuple(
         np.asarray(jax.random.key_data(stages.init_key(smoke_config, network))))
 
   # The stages start from those keys: the student's initial weights are its named key's.
   _, generator, student = stages.build_networks(smoke_config, 10, 1)
-  state, _ = stages.student_setup(smoke_config, 1, generator, None, student)
+  state, _ = rdskd.student_setup(smoke_config, 1, 10, generator, None, student)
   expected, _ = train_steps.classifier_init(student, stages.init_key(smoke_config, 'student'),
                                             (32, 32, 1))
   jax.tree.map(np.testing.assert_array_equal, state['params'], expected)
