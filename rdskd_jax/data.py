@@ -6,15 +6,21 @@ and `load_split(config, 'test')` for evaluation. Nothing else in the package tou
 teacher from outside reads no train split; with `config.dataset` '' nothing is read.
 A dataset that is not in the tfds data_dir is built by `prepare.ensure_prepared`.
 
-A data_dir holding `<dataset>/arrays/` (written by `python -m rdskd_jax.prepare NAME
---export=DIR`) is read from those NumPy files instead, without tfds or TensorFlow: the
-way to carry a dataset to a machine that has neither (an accelerator image, say).
+A data_dir holding `<dataset>/arrays/` is read from those NumPy files instead, without
+tfds or TensorFlow: the way to carry a dataset to a machine that has neither (an
+accelerator image, say). They are written by
+
+    python -m rdskd_jax.data mnist --export=DIR [--data_dir=TFDS_DIR]
+
+(the dataset built offline first where needed); point config.data_dir at DIR to read them.
 """
 
+import argparse
 import copy
 import json
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -51,7 +57,7 @@ class ArraysDir:
       self.examples = {k: int(v) for k, v in info['examples'].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise DataError(f'{info_path}: not an arrays export ({type(e).__name__}: {e}); '
-                      'export it again with `python -m rdskd_jax.prepare NAME --export=DIR`') from None
+                      'export it again: python -m rdskd_jax.data NAME --export=DIR') from None
 
   @classmethod
   def find(cls, data_dir: str, dataset: str):
@@ -269,3 +275,27 @@ def random_shift(rng: np.random.Generator, images, max_shift: int, fill):
   rows = (dy[:, None] + np.arange(h))[:, :, None]
   cols = (dx[:, None] + np.arange(w))[:, None, :]
   return padded[np.arange(n)[:, None, None], rows, cols]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m rdskd_jax.data',
+      description='Exports a dataset (built offline first where needed) as NumPy arrays '
+                  'that the input pipeline reads without tfds or TensorFlow.')
+  parser.add_argument('name', help='tfds dataset name')
+  parser.add_argument('--export', required=True, metavar='DIR',
+                      help='write the train and test splits to DIR/NAME/arrays/; read them '
+                           'with data_dir=DIR')
+  parser.add_argument('--data_dir', default='', help='tfds data_dir (default: tfds default)')
+  args = parser.parse_args(argv)
+  try:
+    path = export_arrays(args.name, args.data_dir or default_data_dir(), args.export)
+  except DataError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'{args.name} exported to {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

