@@ -30,6 +30,9 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.dfad.batch_size = 16
   c.dfad.steps = 6
   c.dfad.student_updates = 2
+  c.mskd.batch_size = 16
+  c.mskd.steps = 6
+  c.mskd.student_updates = 2
   c.deepinversion.batch_size = 16
   c.deepinversion.steps = 3       # 2 KD steps after each batch (student.steps 6).
   c.deepinversion.iterations = 4

@@ -19,10 +19,10 @@ import types
 import ml_collections
 
 # The values of config.method, each the name of its module under rdskd_jax.methods.
-METHODS = ('rdskd', 'dafl', 'dfad', 'deepinversion', 'zskd')
+METHODS = ('rdskd', 'dafl', 'dfad', 'deepinversion', 'zskd', 'mskd')
 # The root-key index of each method's own stage (stages.stage_key); never reused, so a
 # run's streams stay those of the commit that recorded it.
-STAGE_KEYS = {'dafl': 6, 'dfad': 10, 'deepinversion': 11, 'zskd': 12}
+STAGE_KEYS = {'dafl': 6, 'dfad': 10, 'deepinversion': 11, 'zskd': 12, 'mskd': 13}
 
 
 def get(name: str) -> types.ModuleType:
@@ -60,6 +60,25 @@ def add_config_blocks(c: ml_collections.ConfigDict) -> None:
   c.dfad.student_updates = 5        # Student steps per generator step.
   c.dfad.batch_size = 512
   c.dfad.steps = 2000               # 40 epochs x 50 iterations, each one generator step.
+
+  # Zero-shot knowledge transfer via adversarial belief matching (Micaelli & Storkey,
+  # NeurIPS 2019; "MSKD" in the RDSKD paper, after its authors): the defaults of the
+  # authors' polo5/ZeroShotKnowledgeTransfer main.py and scripts/ZeroShot (CIFAR-10,
+  # WRN-40-2 -> WRN-16-1 among them). Each step is one of their iterations: one noise batch,
+  # mskd.generator_updates generator steps maximising KL(teacher || student) on its images,
+  # then mskd.student_updates student steps on the images of the updated generator,
+  # minimising the KL plus mskd.beta times the attention-transfer term.
+  # generator.latent_dim, student.model and student.eval_every still apply.
+  c.mskd = ml_collections.ConfigDict()
+  c.mskd.generator_learning_rate = 1e-3  # Adam, cosine-annealed to 0 over mskd.steps.
+  c.mskd.student_learning_rate = 2e-3    # Adam, cosine-annealed to 0 over mskd.steps.
+  c.mskd.generator_updates = 1      # n_g (--n_generator_iter).
+  c.mskd.student_updates = 10       # n_s (--n_student_iter 10 in the CIFAR-10 scripts).
+  c.mskd.beta = 250.0               # Attention-transfer weight (--AT_beta).
+  c.mskd.temperature = 1.0          # Of both softmaxes in the KL (--KL_temperature).
+  c.mskd.clip_norm = 5.0            # Global gradient norm clipped, both networks; 0: none.
+  c.mskd.batch_size = 128
+  c.mskd.steps = 80000              # Iterations (--total_n_pseudo_batches 8e4).
 
   # DeepInversion (Yin et al., CVPR 2020; the weights of the authors'
   # cifar10/deepinversion_cifar10.py and its README's "paper parameters"): no generator.
