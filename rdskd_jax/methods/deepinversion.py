@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from rdskd_jax import config_checks, losses, train_steps
-from rdskd_jax.methods import base, synthesis
+from rdskd_jax.methods import base
+from rdskd_jax.methods import synthesis as synthesis_lib
 
 NAME = 'deepinversion'
 STAGES = (NAME,)
@@ -78,19 +79,19 @@ def step(state, frozen, root_key, *, teacher, student, tx_student, shape,
       jax.random.fold_in(key, 0), teacher, frozen['teacher'], student,
       jax.lax.stop_gradient(train_steps.variables_of(state['student'])), shape=shape,
       num_classes=num_classes, axis_name=axis_name, **synthesis)
-  bank, finite = synthesis.store_batch(state['bank'], best, state['step'], axis_name)
-  s_state, kd = synthesis.distil_on_bank(
+  bank, finite = synthesis_lib.store_batch(state['bank'], best, state['step'], axis_name)
+  s_state, kd = synthesis_lib.distil_on_bank(
       state['student'], jax.random.fold_in(key, 1), bank, (state['step'] + 1) * shape[0],
       teacher=teacher, teacher_vars=frozen['teacher'], student=student,
       tx_student=tx_student, updates=student_updates, batch_size=student_batch_size,
       temperature=temperature, axis_name=axis_name)
-  return synthesis.next_state(state, bank, s_state, finite), dict(parts, kd=kd)
+  return synthesis_lib.next_state(state, bank, s_state, finite), dict(parts, kd=kd)
 
 
 def setup(config, channels: int, num_classes: int, teacher, student):
   """The stage's initial state and its per-device step."""
   block = config.deepinversion
-  state, kd, dtype = synthesis.initial_state(config, block, channels, teacher, student)
+  state, kd, dtype = synthesis_lib.initial_state(config, block, channels, teacher, student)
   weights = {k: block[k] for k in ('iterations', 'learning_rate', 'jitter', 'class_weight',
                                    'tv_weight', 'l2_weight', 'bn_weight',
                                    'competition_weight', 'competition_temperature')}
@@ -119,16 +120,16 @@ def check(config, num_devices: int) -> None:
     config_checks.non_negative(config, field)
   for field in ('deepinversion.learning_rate', 'deepinversion.competition_temperature'):
     config_checks.positive_float(config, field)
-  synthesis.check(config, NAME, num_devices)
+  synthesis_lib.check(config, NAME, num_devices)
 
 
 def train(ctx: base.Context) -> base.Outcome:
-  return synthesis.train(ctx, NAME, setup, frozen, stage_steps(ctx.config))
+  return synthesis_lib.train(ctx, NAME, setup, frozen, stage_steps(ctx.config))
 
 
 def restore(loader: base.Loader):
-  return synthesis.restore(loader, NAME, setup)
+  return synthesis_lib.restore(loader, NAME, setup)
 
 
 def cost(config):
-  return synthesis.cost(config, NAME)
+  return synthesis_lib.cost(config, NAME)

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from rdskd_jax import config_checks, losses, models, stages, train_steps
-from rdskd_jax.methods import base, synthesis
+from rdskd_jax.methods import base
+from rdskd_jax.methods import synthesis as synthesis_lib
 
 NAME = 'zskd'
 STAGES = (NAME,)
@@ -66,18 +67,18 @@ def step(state, frozen, root_key, *, teacher, student, tx_student, shape, batche
     best, parts = data_impressions(jax.random.fold_in(key, 0), teacher, frozen['teacher'],
                                    frozen['similarity'], state['step'], shape=shape,
                                    axis_name=axis_name, **synthesis)
-    bank, finite = synthesis.store_batch(state['bank'], best, state['step'], axis_name)
+    bank, finite = synthesis_lib.store_batch(state['bank'], best, state['step'], axis_name)
     metrics = jax.tree.map(lambda a, b: a.astype(b.dtype), dict(empty, **parts), empty)
-    return synthesis.next_state(state, bank, state['student'], finite), metrics
+    return synthesis_lib.next_state(state, bank, state['student'], finite), metrics
 
   def distil(state):
-    s_state, kd = synthesis.distil_on_bank(
+    s_state, kd = synthesis_lib.distil_on_bank(
         state['student'], jax.random.fold_in(key, 1), state['bank'], batches * shape[0],
         teacher=teacher, teacher_vars=frozen['teacher'], student=student,
         tx_student=tx_student, updates=student_updates, batch_size=student_batch_size,
         temperature=temperature, axis_name=axis_name,
         augment=functools.partial(train_steps.shift_and_flip, **augmentation))
-    return (synthesis.next_state(state, state['bank'], s_state, True),
+    return (synthesis_lib.next_state(state, state['bank'], s_state, True),
             dict(empty, kd=kd.astype(jnp.float32)))
 
   return jax.lax.cond(state['step'] < batches, synthesise, distil, state)
@@ -87,7 +88,7 @@ def setup(config, channels: int, num_classes: int, teacher, student):
   """The stage's initial state and its per-device step."""
   del num_classes
   block = config.zskd
-  state, kd, dtype = synthesis.initial_state(config, block, channels, teacher, student)
+  state, kd, dtype = synthesis_lib.initial_state(config, block, channels, teacher, student)
   impressions = {k: block[k] for k in ('iterations', 'learning_rate', 'temperature')}
   return state, functools.partial(
       step, batches=block.steps, synthesis=dict(impressions, betas=tuple(block.betas),
@@ -118,16 +119,16 @@ def check(config, num_devices: int) -> None:
   config_checks.require(len(config.zskd.betas) > 0 and all(b > 0 for b in config.zskd.betas),
                         'zskd.betas', config.zskd.betas, 'one or more positive Dirichlet scales')
   config_checks.pixel_shift(config, 'zskd')
-  synthesis.check(config, NAME, num_devices)
+  synthesis_lib.check(config, NAME, num_devices)
 
 
 def train(ctx: base.Context) -> base.Outcome:
-  return synthesis.train(ctx, NAME, setup, frozen, stage_steps(ctx.config))
+  return synthesis_lib.train(ctx, NAME, setup, frozen, stage_steps(ctx.config))
 
 
 def restore(loader: base.Loader):
-  return synthesis.restore(loader, NAME, setup)
+  return synthesis_lib.restore(loader, NAME, setup)
 
 
 def cost(config):
-  return synthesis.cost(config, NAME)
+  return synthesis_lib.cost(config, NAME)
