@@ -16,7 +16,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
 
-from rdskd_jax import diagnostics, evaluation, metrics, runs, stages  # noqa: E402
+from rdskd_jax import diagnostics, evaluation, methods, metrics, runs, stages  # noqa: E402
 from rdskd_jax import workdir as workdir_lib  # noqa: E402
 from rdskd_jax.errors import ConfigError, DataError, RunStopped  # noqa: E402
 
@@ -101,18 +101,19 @@ def save_curves(workdir: str, path: str = '') -> str:
   joint = by_stage(method) if method else []
   synthesis = joint if any('best_total' in r for r in joint) else []
   generator = by_stage('generator') or joint
-  for name in _GENERATOR_CURVES:
+  curves = getattr(methods.get(method), 'CURVES', {}) if method in methods.METHODS else {}
+  for name in curves.get('generator', _GENERATOR_CURVES):
     points = [(r['step'], r[name]) for r in generator if name in r]
     if points:
       axes[0].plot(*zip(*points), label=name)
   axes[0].set_title('synthesis losses' if synthesis else 'generator losses')
   axes[0].set_yscale('symlog', linthresh=1e-2)
   student = by_stage('student') or joint
-  loss = 'student_l1' if student and 'student_l1' in student[0] else 'kd'  # DFAD: L1.
+  loss, title = curves.get('student', ('kd', 'student KD loss'))
   if student:
     axes[1].plot([r['step'] for r in student], [r[loss] for r in student])
     axes[1].set_yscale('log')
-  axes[1].set_title('student L1 loss' if loss == 'student_l1' else 'student KD loss')
+  axes[1].set_title(title)
   accuracy = [(r['step'], r['test_accuracy']) for r in student if 'test_accuracy' in r]
   final = report.get('student', {})
   # Synthesis methods log their stage's steps; their reports count KD steps.

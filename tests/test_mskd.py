@@ -1,9 +1,10 @@
 """MSKD (Micaelli and Storkey 2019) as a method of the pipeline: its losses by hand, what
-one iteration trains, the tiny preset end to end on real MNIST and on mock CIFAR-10, 2
-devices against one in float64, resume after SIGKILL, and the refusal of a teacher
-without attention maps."""
+one iteration trains, the tiny preset end to end on real MNIST (in float64, on 1 and 2
+devices, which must agree) and on mock CIFAR-10, resume after SIGKILL, and the refusal
+of a teacher without attention maps."""
 
 import json
+import os
 import signal
 
 import flax.linen as nn
@@ -92,16 +93,6 @@ def test_one_iteration_trains_the_generator_then_the_student(mnist_data_dir):
       new['generator'], state['student']['params'])
 
 
-def test_mskd_tiny_end_to_end(mnist_data_dir, tmp_path):
-  report = train.train_and_evaluate(_mskd(mnist_data_dir), str(tmp_path))
-  assert report['mskd']['steps'] == 6 and report['generator']['trained_with'] == 'student'
-  assert 0 <= report['student']['test_accuracy'] <= 1
-  assert 0 <= report['student']['generated_agreement'] <= 1
-  rows = [r for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if r['stage'] == 'mskd']
-  assert [r['step'] for r in rows] == [2, 3, 4, 6]  # log_every 2, evaluation every 3.
-  assert all(r['attention'] >= 0 and r['generator_kl'] >= 0 for r in rows)
-
-
 def test_mskd_on_cifar10(mock_tfds, tmp_path):  # noqa: F811 (the fixture)
   """MSKD with BatchNorm networks: the attention maps of residual groups."""
   config = cifar10.get_config('tiny')
@@ -112,15 +103,26 @@ def test_mskd_on_cifar10(mock_tfds, tmp_path):  # noqa: F811 (the fixture)
   assert report['config']['mskd']['beta'] == 250.0  # The authors' CIFAR-10 weight.
 
 
-def test_two_devices_equal_one_in_float64(mnist_data_dir, tmp_path):
+def test_tiny_end_to_end_and_two_devices_equal_one_in_float64(mnist_data_dir, tmp_path):
   with jax.enable_x64(True):
-    one = _mskd(mnist_data_dir, parallel='none', dtype='float64')
-    train.train_and_evaluate(one, str(tmp_path / 'one'))
+    one = _mskd(mnist_data_dir, parallel='none', dtype='float64', figures=True)
+    report = train.train_and_evaluate(one, str(tmp_path / 'one'))
     two = _mskd(mnist_data_dir, parallel='pmap', num_devices=2, dtype='float64')
     two.teacher.checkpoint = str(tmp_path / 'one' / 'teacher_variables')
     train.train_and_evaluate(two, str(tmp_path / 'two'))
   assert_same_run(str(tmp_path / 'two'), str(tmp_path / 'one'), loss_rtol=1e-6,
                   state_rtol=1e-5, stages=('mskd',))
+  # The one-device run end to end: its report, and its metrics every log_every (2) steps
+  # and at each evaluation (every 3).
+  assert report['mskd']['steps'] == 6 and report['generator']['trained_with'] == 'student'
+  assert 0 <= report['student']['test_accuracy'] <= 1
+  assert 0 <= report['student']['generated_agreement'] <= 1
+  rows = [r for r in map(json.loads, open(tmp_path / 'one' / 'metrics.jsonl'))
+          if r['stage'] == 'mskd']
+  assert [r['step'] for r in rows] == [2, 3, 4, 6]
+  assert all(r['attention'] >= 0 and r['generator_kl'] >= 0 for r in rows)
+  for figure in ('samples.png', 'curves.png'):  # Its own curves (methods' CURVES).
+    assert os.path.getsize(tmp_path / 'one' / figure) > 1000
 
 
 def test_sigkill_then_resume(mnist_data_dir, tmp_path, tmp_path_factory, monkeypatch):
@@ -155,3 +157,13 @@ def test_a_teacher_without_attention_maps_is_refused_in_one_line():
     mskd.check_attention(config, teacher, variables, student, 1)
   config.mskd.beta = 0.0  # Without the term, any teacher serves.
   mskd.check_attention(config, teacher, variables, student, 1)
+
+
+def test_workdirs_from_before_mskd_resume():
+  """A workdir whose config.json predates config.mskd (the runs before this method, the
+  paper-budget run among them) resumes: the block is another method's there."""
+  from rdskd_jax import workdir
+  config = mnist.get_config('cpu')
+  saved = json.loads(json.dumps(config.to_dict()))
+  del saved['mskd']
+  assert workdir.config_differences(saved, config) == {}

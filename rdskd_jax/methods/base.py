@@ -11,7 +11,9 @@ A method module defines:
   train(ctx) -> Outcome   its stages, resuming from the workdir's checkpoints;
   restore(loader) -> (generator variables, student variables, images)  for runs.load_run;
   cost(config) -> {'generator_samples', 'student_samples', ...}  for sweeps;
-and, where a sweep may batch its runs with vmap, LEARNING_RATES and train_group(group).
+and, where a sweep may batch its runs with vmap, LEARNING_RATES and train_group(group);
+and, where its metrics are not the KD loss and the generator losses plot.py knows, CURVES
+({'generator': metric names, 'student': (metric name, title)}) for curves.png.
 """
 
 from typing import Any, Callable, Dict, NamedTuple, Optional

@@ -16,6 +16,8 @@ from rdskd_jax.methods import base, joint
 NAME = 'dfad'
 STAGES = (NAME,)
 BATCHNORM_PRIOR_FIELDS = ()
+# curves.png: the generator's and the student's losses (plot.save_curves).
+CURVES = {'generator': ('generator_l1',), 'student': ('student_l1', 'student L1 loss')}
 LEARNING_RATES = {NAME: {'generator': 'dfad.generator_learning_rate',
                          'student': 'dfad.student_learning_rate'}}
 

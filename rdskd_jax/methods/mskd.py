@@ -45,6 +45,9 @@ from rdskd_jax.methods import base, joint
 NAME = 'mskd'
 STAGES = (NAME,)
 BATCHNORM_PRIOR_FIELDS = ()
+# curves.png: the generator's and the student's losses (plot.save_curves).
+CURVES = {'generator': ('generator_kl',),
+          'student': ('student_total', 'student loss: KL + beta x attention')}
 LEARNING_RATES = {NAME: {'generator': 'mskd.generator_learning_rate',
                          'student': 'mskd.student_learning_rate'}}
 
