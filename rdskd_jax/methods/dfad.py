@@ -76,11 +76,7 @@ def step(state, frozen, root_key, *, generator, teacher, student, tx_generator,
       generator_loss, has_aux=True)(g_params)
   g_state = train_steps.apply_gradients(g_state, g_grads, tx_generator, axis_name, g_loss,
                                         batch_stats=g_stats)
-  if s_parts:  # The student's running statistics of the generator step, where finite.
-    s_parts = train_steps.same_dtypes(s_parts, {k: s_state[k] for k in s_parts})
-    finite = train_steps.all_finite(s_parts)
-    s_state = dict(s_state, **jax.tree.map(lambda n, o: jnp.where(finite, n, o), s_parts,
-                                           {k: s_state[k] for k in s_parts}))
+  s_state = joint.with_finite_statistics(s_state, s_parts)
   return ({'step': state['step'] + 1, 'generator': g_state, 'student': s_state,
            'nonfinite': joint.combined_nonfinite(g_state, s_state)},
           {'student_l1': student_losses[-1], 'generator_l1': discrepancy})

@@ -3,6 +3,7 @@ DFAD): the stage's state, its run with the reports, its restore and its vmapped 
 A method using it defines `setup(config, channels, generator, teacher, student) ->
 (state, step_fn)` and names its stage after itself."""
 
+import jax
 import jax.numpy as jnp
 
 from rdskd_jax import train_steps
@@ -29,6 +30,17 @@ def combined_nonfinite(g_state, s_state):
   bad_g, bad_s = g_state['nonfinite'], s_state['nonfinite']
   return {'total': bad_g['total'] + bad_s['total'],
           'streak': jnp.maximum(bad_g['streak'], bad_s['streak'])}
+
+
+def with_finite_statistics(s_state, updates):
+  """The student's state with the BatchNorm statistics `updates` of a forward pass outside
+  its own step (the generator's step, in training mode), kept only where all are finite."""
+  if not updates:
+    return s_state
+  old = {k: s_state[k] for k in updates}
+  updates = train_steps.same_dtypes(updates, old)
+  finite = train_steps.all_finite(updates)
+  return dict(s_state, **jax.tree.map(lambda n, o: jnp.where(finite, n, o), updates, old))
 
 
 def train(ctx: base.Context, name: str, setup, steps: int) -> base.Outcome:

@@ -125,12 +125,7 @@ def step(state, frozen, root_key, *, generator, teacher, student, tx_generator, 
         train_steps.in_compute_precision(g_state['params'], generator.dtype))
     g_state = train_steps.apply_gradients(g_state, grads, tx_generator, axis_name, loss,
                                           batch_stats=stats)
-    if s_parts:  # The student's running statistics of this forward, where finite.
-      old = {k: s_state[k] for k in s_parts}
-      s_parts = train_steps.same_dtypes(s_parts, old)
-      finite = train_steps.all_finite(s_parts)
-      s_state = dict(s_state, **jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                             s_parts, old))
+    s_state = joint.with_finite_statistics(s_state, s_parts)
     return (g_state, s_state), divergence
 
   (g_state, s_state), divergences = jax.lax.scan(
