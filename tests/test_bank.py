@@ -24,7 +24,7 @@ from rdskd_jax import bank, metrics, parallel, runner, stages, train, train_step
 from rdskd_jax.errors import ConfigError
 from rdskd_jax.methods import rdskd
 
-from test_reliability import _rows, assert_same_result
+from test_reliability import _rows, assert_same_result, tiny_config
 
 # One worker runs the whole file (pytest-xdist): its pipeline tests share one run.
 pytestmark = pytest.mark.xdist_group('test_bank')
@@ -177,12 +177,7 @@ BANK_RUN = {'parallel': 'none', 'student.reuse': 4, 'student.bank_size': 32,
 
 
 def _bank_run_config(data_dir):
-  config = mnist.get_config('tiny')
-  config.data_dir = data_dir
-  for field, value in BANK_RUN.items():
-    parent, _, name = field.rpartition('.')
-    (config[parent] if parent else config)[name] = value
-  return config
+  return tiny_config(data_dir, BANK_RUN)
 
 
 def test_sigkill_in_the_bank_stage_then_resume(pipeline_run, mnist_data_dir, tmp_path):

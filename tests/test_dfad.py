@@ -16,7 +16,7 @@ from rdskd_jax import losses, stages, train
 from rdskd_jax.methods import dfad
 
 from test_parallel import assert_same_run
-from test_reliability import _finish, _rows, _start_and_signal, assert_same_result
+from test_reliability import _finish, _rows, _start_and_signal, assert_same_result, tiny_config
 import test_reliability
 
 
@@ -37,12 +37,7 @@ def test_logit_discrepancy_by_hand():
 
 
 def _dfad(data_dir, **fields):
-  config = mnist.get_config('tiny')
-  config.data_dir, config.method = data_dir, 'dfad'
-  for field, value in fields.items():
-    parent, _, name = field.rpartition('.')
-    (config[parent] if parent else config)[name] = value
-  return config
+  return tiny_config(data_dir, dict(fields, method='dfad'))
 
 
 def test_one_step_trains_the_student_then_the_generator(mnist_data_dir):

@@ -20,7 +20,7 @@ from rdskd_jax.methods import mskd
 
 from test_datasets import BATCHNORM_PAIR, _run, mock_tfds  # noqa: F401 (a fixture)
 from test_parallel import assert_same_run
-from test_reliability import _finish, _rows, _start_and_signal, assert_same_result
+from test_reliability import _finish, _rows, _start_and_signal, assert_same_result, tiny_config
 import test_reliability
 
 
@@ -55,12 +55,7 @@ def test_attention_transfer_by_hand():
 
 
 def _mskd(data_dir, **fields):
-  config = mnist.get_config('tiny')
-  config.data_dir, config.method = data_dir, 'mskd'
-  for field, value in fields.items():
-    parent, _, name = field.rpartition('.')
-    (config[parent] if parent else config)[name] = value
-  return config
+  return tiny_config(data_dir, dict(fields, method='mskd'))
 
 
 def test_one_iteration_trains_the_generator_then_the_student(mnist_data_dir):

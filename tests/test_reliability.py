@@ -28,13 +28,18 @@ OVERRIDES = {'generator.steps': 40, 'student.steps': 40, 'checkpoint_every': 8,
              'log_every': 1, 'student.eval_every': 20, 'parallel': 'none'}
 
 
-def _config(data_dir):
+def tiny_config(data_dir, fields):
+  """The tiny MNIST preset on `data_dir` with `fields` ({'student.steps': 40, ...}) set."""
   config = mnist.get_config('tiny')
   config.data_dir = data_dir
-  for field, value in OVERRIDES.items():
+  for field, value in fields.items():
     parent, _, name = field.rpartition('.')
     (config[parent] if parent else config)[name] = value
   return config
+
+
+def _config(data_dir):
+  return tiny_config(data_dir, OVERRIDES)
 
 
 def _command(data_dir, workdir):
