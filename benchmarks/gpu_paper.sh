@@ -10,8 +10,12 @@
 #                  logged every 6,000 steps (reporting only). Trains the teacher.
 #   2. rdskd_bank: the same student budget with the bank (student.reuse=$REUSE, 16 by
 #                  default), on part 1's teacher and generator (generator.checkpoint).
-#   3. dafl:       DAFL's paper preset (24,000 joint steps) on that teacher, in the time left.
-# PARTS="rdskd_bank" (say) runs those parts alone, each training what it would have taken.
+#   3. cpu_generator: the same student budget (student.reuse=$REUSE) from the `cpu` preset's
+#                  generator (120 steps at batch 256), on the teacher of part 1 or 2: which
+#                  generator the paper's student budget favours.
+#   4. dafl:       DAFL's paper preset (24,000 joint steps) on that teacher, in the time left.
+# PARTS="rdskd_bank cpu_generator" (say) runs those parts alone, each training what it would
+# have taken. LIMITS="250 230" (say) gives the parts of PARTS their seconds, in order.
 # OUT gets env.txt, parts.jsonl and results.tar.gz (each part's report.json,
 # metrics.jsonl, samples.png, curves.png and log), within the device tool's file limits.
 # The environment needs JAX, Flax, Optax, Orbax, chex and ml_collections, and MNIST in
@@ -25,9 +29,12 @@ work=${WORK:-/tmp/gpu_paper}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 reuse=${REUSE:-16}
 if [ -n "${SMOKE:-}" ]; then
-  preset=':tiny'; eval_every=3; limits=(120 120 120); reuse=4
+  preset=':tiny'; eval_every=3; reuse=4; cpu_generator=(3 16 3)  # steps, batch, epoch
+  declare -A limit_of=([rdskd_f32]=120 [rdskd_bank]=120 [cpu_generator]=120 [dafl]=120)
 else
-  preset=''; eval_every=6000; limits=(280 ${BANK_LIMIT:-170} 60)  # Seconds: 8.5 minutes in all.
+  preset=''; eval_every=6000; cpu_generator=(120 256 40)
+  # Seconds: 8.5 minutes in all; cpu_generator only where LIMITS gives it some.
+  declare -A limit_of=([rdskd_f32]=280 [rdskd_bank]=170 [cpu_generator]=0 [dafl]=60)
 fi
 python=${PYTHON:-python3}
 {
@@ -50,23 +57,39 @@ part() {  # part NAME LIMIT_SECONDS FLAGS...
 rm -rf "$work" && mkdir -p "$work"
 : > "$out/parts.jsonl"
 teacher="$work/rdskd_f32/teacher_variables"
-parts=${PARTS:-rdskd_f32 rdskd_bank dafl}  # A subset reruns those alone.
-for name in $parts; do
+parts=(${PARTS:-rdskd_f32 rdskd_bank cpu_generator dafl})  # A subset reruns those alone.
+limits=(${LIMITS:-})
+for i in "${!parts[@]}"; do
+  name=${parts[$i]}
+  [ -n "${limit_of[$name]+set}" ] || {
+    echo "unknown part $name; expected rdskd_f32, rdskd_bank, cpu_generator or dafl" >&2; exit 2; }
+  limit=${limits[$i]:-${limit_of[$name]}}
+  [ "$limit" -gt 0 ] || continue
+  # A later part uses the first teacher an earlier part trained.
+  [ -e "$teacher" ] || teacher="$work/rdskd_bank/teacher_variables"
   case $name in
     rdskd_f32)
-      part rdskd_f32 "${limits[0]}" --config.parallel=none --config.student.eval_every=$eval_every ;;
+      part rdskd_f32 "$limit" --config.parallel=none --config.student.eval_every=$eval_every ;;
     rdskd_bank)  # On part 1's teacher and generator where it ran, else with its own.
       reused=()
       [ -e "$work/rdskd_f32/generator_variables/rdskd.json" ] && reused=(
           --config.teacher.checkpoint="$teacher"
           --config.generator.checkpoint="$work/rdskd_f32/generator_variables")
-      part rdskd_bank "${limits[1]}" --config.parallel=none \
+      part rdskd_bank "$limit" --config.parallel=none \
           --config.student.eval_every=$eval_every --config.student.reuse="$reuse" "${reused[@]}" ;;
+    cpu_generator)
+      given=()
+      [ -e "$teacher" ] && given=(--config.teacher.checkpoint="$teacher")
+      part cpu_generator "$limit" --config.parallel=none \
+          --config.student.eval_every=$eval_every --config.student.reuse="$reuse" \
+          --config.generator.steps="${cpu_generator[0]}" \
+          --config.generator.batch_size="${cpu_generator[1]}" \
+          --config.generator.epoch_length="${cpu_generator[2]}" "${given[@]}" ;;
     dafl)
-      dafl_teacher=()
-      [ -e "$teacher" ] && dafl_teacher=(--config.teacher.checkpoint="$teacher")
-      part dafl "${limits[2]}" --config.parallel=none --config.method=dafl \
-          --config.student.eval_every=$eval_every "${dafl_teacher[@]}" ;;
+      given=()
+      [ -e "$teacher" ] && given=(--config.teacher.checkpoint="$teacher")
+      part dafl "$limit" --config.parallel=none --config.method=dafl \
+          --config.student.eval_every=$eval_every "${given[@]}" ;;
   esac
 done
 
