@@ -39,7 +39,7 @@ for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
 """
 
 
-def test_the_gpu_paper_script_runs_its_three_parts_in_smoke_mode(mnist_data_dir, tmp_path):
+def test_the_gpu_paper_script_runs_its_parts_in_smoke_mode(mnist_data_dir, tmp_path):
   """As on the accelerator image: without TensorFlow, tfds or clu, MNIST read from its
   exported arrays, TensorBoard files written all the same."""
   from rdskd_jax import data
@@ -55,15 +55,18 @@ def test_the_gpu_paper_script_runs_its_three_parts_in_smoke_mode(mnist_data_dir,
   assert result.returncode == 0, result.stderr[-2000:]
   parts = [json.loads(line) for line in open(out / 'parts.jsonl')]
   assert [(p['part'], p['exit']) for p in parts] == [
-      ('rdskd_f32', 0), ('rdskd_bank', 0), ('dafl', 0)], (
+      ('rdskd_f32', 0), ('rdskd_bank', 0), ('cpu_generator', 0), ('dafl', 0)], (
           open(work / 'rdskd_bank.log').read()[-2000:])
   with tarfile.open(out / 'results.tar.gz') as tar:
     names = set(tar.getnames())
-  for part in ('rdskd_f32', 'rdskd_bank', 'dafl'):
+  for part in ('rdskd_f32', 'rdskd_bank', 'cpu_generator', 'dafl'):
     assert {f'./{part}/report.json', f'./{part}/metrics.jsonl', f'./{part}.log'} <= names
   report = json.load(open(work / 'rdskd_bank' / 'report.json'))
   assert report['teacher']['checkpoint'] and report['generator']['checkpoint']
   assert report['student']['reuse'] == 4
+  report = json.load(open(work / 'cpu_generator' / 'report.json'))
+  assert report['teacher']['checkpoint'] == str(work / 'rdskd_f32' / 'teacher_variables')
+  assert 'checkpoint' not in report['generator'] and report['generator']['steps'] == 3
   assert 0 <= json.load(open(work / 'rdskd_f32' / 'report.json'))['student']['test_accuracy'] <= 1
   scalars, images = set(), {}
   for path in tf.io.gfile.glob(str(work / 'rdskd_f32' / 'tensorboard' / 'events.out.tfevents.*')):
