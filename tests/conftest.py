@@ -7,12 +7,14 @@ import os
 import shutil
 import tempfile
 
-# The tests' programs run for milliseconds and compile for seconds: LLVM optimisation level
-# 1 compiles a float64 run's programs in half the time of the default 2 and runs them about
-# as fast (level 0 compiles faster still but runs float64 convolutions ten times slower;
-# tests/README.md). The same functions, compiled with fewer code-generation passes; every
-# program a test compares with another is compiled so.
-QUICK_COMPILE = '--xla_backend_optimization_level=1'
+# The tests' programs run for milliseconds and compile for seconds. XLA:CPU's fast-compile
+# preset skips the optimisation passes that make a deep network's training step take
+# tens of seconds to compile (tests/README.md), and LLVM optimisation level 1 halves the
+# code generation of float64 programs while running them about as fast (level 0 runs
+# float64 convolutions ten times slower). The same functions, compiled with fewer passes;
+# every program a test compares with another is compiled so.
+QUICK_COMPILE = ('--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE '
+                 '--xla_backend_optimization_level=1')
 
 
 def xla_flags(devices: int) -> str:

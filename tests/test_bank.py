@@ -26,8 +26,6 @@ from rdskd_jax.methods import rdskd
 
 from test_reliability import _rows, assert_same_result, tiny_config
 
-# One worker runs the whole file (pytest-xdist): its pipeline tests share one run.
-pytestmark = pytest.mark.xdist_group('test_bank')
 
 # The reuse=1 student stage of `_student_stage(reuse=1)`, recorded from the code before
 # the bank existed (commit 2a5d5e0, `python tests/test_bank.py`): the KD loss at steps 2,

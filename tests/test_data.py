@@ -11,8 +11,6 @@ import pytest
 
 from rdskd_jax import data, prepare
 
-# One worker runs the whole file (pytest-xdist): its tests share the mnist_arrays fixture.
-pytestmark = pytest.mark.xdist_group('test_data')
 
 
 def _wheel_with(path, member_bytes):

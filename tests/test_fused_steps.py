@@ -15,8 +15,6 @@ from test_parallel import assert_same_run
 from test_reliability import _finish, _rows, _start_and_signal, assert_same_result
 import test_reliability
 
-# One worker runs the whole file (pytest-xdist): its tests share the shared_teacher fixture.
-pytestmark = pytest.mark.xdist_group('test_fused_steps')
 
 # Periods the calls must end at: logging, checkpoints and reporting (student accuracy,
 # generator coverage) every 4 steps. With K = 3 the calls are 3 + 1 + 2 steps.
@@ -45,7 +43,7 @@ def _config(data_dir, steps_per_call, parallel='none', num_devices=0, method='rd
   return config
 
 
-@pytest.fixture(scope='session')  # Kept while other files' tests run between.
+@pytest.fixture(scope='session')
 def shared_teacher(tmp_path_factory, mnist_data_dir):
   """One float64 run at K = 1 on one device; its teacher serves the others."""
   workdir = str(tmp_path_factory.mktemp('k1'))

@@ -22,8 +22,6 @@ import conftest
 from configs import mnist
 from rdskd_jax import parallel, train
 
-# One worker runs the whole file (pytest-xdist): its tests share the one_device fixture.
-pytestmark = pytest.mark.xdist_group('test_parallel')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('teacher', 'generator', 'student')
@@ -36,14 +34,14 @@ def _smoke(data_dir, mode, num_devices=0, dtype='float32'):
   return config
 
 
-@pytest.fixture(scope='session')  # Kept while other files' tests run between.
+@pytest.fixture(scope='session')
 def one_device(tmp_path_factory, mnist_data_dir):
   workdir = str(tmp_path_factory.mktemp('none'))
   train.train_and_evaluate(_smoke(mnist_data_dir, 'none'), workdir)
   return workdir
 
 
-@pytest.fixture(scope='session')  # Kept while other files' tests run between.
+@pytest.fixture(scope='session')
 def one_device_f64(tmp_path_factory, mnist_data_dir):
   workdir = str(tmp_path_factory.mktemp('none64'))
   with jax.enable_x64(True):

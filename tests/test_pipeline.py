@@ -9,11 +9,9 @@ import pytest
 from configs import mnist
 from rdskd_jax import config_lib, train
 
-# One worker runs the whole file (pytest-xdist): its tests share the smoke_run fixture.
-pytestmark = pytest.mark.xdist_group('test_pipeline')
 
 
-@pytest.fixture(scope='session')  # Kept while other files' tests run between.
+@pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory, mnist_data_dir):
   config = mnist.get_config('smoke')
   config.data_dir = mnist_data_dir

@@ -19,8 +19,6 @@ from rdskd_jax import teacher as teacher_lib
 from rdskd_jax import workdir as workdir_lib
 from rdskd_jax.methods import rdskd
 
-# One worker runs the whole file (pytest-xdist): its tests share the uninterrupted fixture.
-pytestmark = pytest.mark.xdist_group('test_reliability')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough stages to interrupt in the middle; still seconds each.
@@ -75,7 +73,7 @@ def _finish(data_dir, workdir):
   train.train_and_evaluate(_config(data_dir), str(workdir))
 
 
-@pytest.fixture(scope='session')  # Kept while other files' tests run between.
+@pytest.fixture(scope='session')
 def uninterrupted(tmp_path_factory, mnist_data_dir):
   workdir = str(tmp_path_factory.mktemp('whole'))
   return workdir, train.train_and_evaluate(_config(mnist_data_dir), workdir)

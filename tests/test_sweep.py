@@ -11,8 +11,6 @@ import pytest
 
 from rdskd_jax import config_lib, sweep
 
-# One worker runs the whole file (pytest-xdist): its tests share the sweeps fixture.
-pytestmark = pytest.mark.xdist_group('test_sweep')
 
 # One setting off the config's learning rate (1e-3), so every run scales its updates.
 GRID = 'generator.learning_rate=2e-3'
@@ -43,7 +41,7 @@ def test_runs_group_by_shape():
   assert len({sweep.group_key(c) for _, _, c in runs}) == 2  # One per batch size.
 
 
-@pytest.fixture(scope='session')  # Kept while other files' tests run between.
+@pytest.fixture(scope='session')
 def sweeps(tmp_path_factory, mnist_data_dir):
   """2 seeds, vmapped and one by one, in float64 compute: float32
   rounding differs between a batched and a single program, and Adam, which divides by
