@@ -56,7 +56,6 @@ part() {  # part NAME LIMIT_SECONDS FLAGS...
 
 rm -rf "$work" && mkdir -p "$work"
 : > "$out/parts.jsonl"
-teacher="$work/rdskd_f32/teacher_variables"
 parts=(${PARTS:-rdskd_f32 rdskd_bank cpu_generator dafl})  # A subset reruns those alone.
 limits=(${LIMITS:-})
 for i in "${!parts[@]}"; do
@@ -66,6 +65,7 @@ for i in "${!parts[@]}"; do
   limit=${limits[$i]:-${limit_of[$name]}}
   [ "$limit" -gt 0 ] || continue
   # A later part uses the first teacher an earlier part trained.
+  teacher="$work/rdskd_f32/teacher_variables"
   [ -e "$teacher" ] || teacher="$work/rdskd_bank/teacher_variables"
   case $name in
     rdskd_f32)
