@@ -64,30 +64,25 @@ for i in "${!parts[@]}"; do
     echo "unknown part $name; expected rdskd_f32, rdskd_bank, cpu_generator or dafl" >&2; exit 2; }
   limit=${limits[$i]:-${limit_of[$name]}}
   [ "$limit" -gt 0 ] || continue
-  # A later part uses the first teacher an earlier part trained.
-  teacher="$work/rdskd_f32/teacher_variables"
-  [ -e "$teacher" ] || teacher="$work/rdskd_bank/teacher_variables"
+  given=()  # A later part uses the first teacher an earlier part trained.
+  for teacher in "$work"/{rdskd_f32,rdskd_bank}/teacher_variables; do
+    [ -e "$teacher" ] && { given=(--config.teacher.checkpoint="$teacher"); break; }
+  done
   case $name in
     rdskd_f32)
       part rdskd_f32 "$limit" --config.parallel=none --config.student.eval_every=$eval_every ;;
     rdskd_bank)  # On part 1's teacher and generator where it ran, else with its own.
-      reused=()
-      [ -e "$work/rdskd_f32/generator_variables/rdskd.json" ] && reused=(
-          --config.teacher.checkpoint="$teacher"
-          --config.generator.checkpoint="$work/rdskd_f32/generator_variables")
+      [ -e "$work/rdskd_f32/generator_variables/rdskd.json" ] &&
+          given+=(--config.generator.checkpoint="$work/rdskd_f32/generator_variables")
       part rdskd_bank "$limit" --config.parallel=none \
-          --config.student.eval_every=$eval_every --config.student.reuse="$reuse" "${reused[@]}" ;;
+          --config.student.eval_every=$eval_every --config.student.reuse="$reuse" "${given[@]}" ;;
     cpu_generator)
-      given=()
-      [ -e "$teacher" ] && given=(--config.teacher.checkpoint="$teacher")
       part cpu_generator "$limit" --config.parallel=none \
           --config.student.eval_every=$eval_every --config.student.reuse="$reuse" \
           --config.generator.steps="${cpu_generator[0]}" \
           --config.generator.batch_size="${cpu_generator[1]}" \
           --config.generator.epoch_length="${cpu_generator[2]}" "${given[@]}" ;;
     dafl)
-      given=()
-      [ -e "$teacher" ] && given=(--config.teacher.checkpoint="$teacher")
       part dafl "$limit" --config.parallel=none --config.method=dafl \
           --config.student.eval_every=$eval_every "${given[@]}" ;;
   esac
