@@ -41,6 +41,17 @@ def all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def read_once(flag, axis_name):
+  """`flag` (the same on every device) as the output of a cross-device minimum, which XLA
+  neither fuses nor removes. Its consumers then read one value, where otherwise XLA copies
+  the flag's whole chain of scalar operations (one per parameter array) into each of them:
+  a quadratic program whose compilation took ten times as long on two devices as on one
+  (tests/README.md). The same value, for one scalar collective a step."""
+  if axis_name is None:
+    return flag
+  return jax.lax.pmin(flag.astype(jnp.int32), axis_name).astype(bool)
+
+
 def in_compute_precision(params, dtype):
   """Parameters promoted to the compute dtype where it is wider (float32 parameters under
   float64 compute), for differentiating: the gradients then keep the compute precision
@@ -76,6 +87,7 @@ def apply_gradients(state, grads, tx, axis_name, loss, **new_parts):
                  opt_state=opt_state, **new_parts)
   finite = (jnp.isfinite(loss) & all_finite(grads)
             & all_finite((updated['params'], new_parts)))
+  finite = read_once(finite, axis_name)
   # Every entry keeps its dtype (statistics computed in float64 are stored in float32,
   # as the parameters are), so that the state is one type from step to step (a scan).
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old).astype(old.dtype),
