@@ -80,7 +80,8 @@ def mnist_idx_from_pickle(pickle_gz: bytes) -> dict:
   """The four official MNIST IDX files (uncompressed bytes, keyed by their tfds names)."""
   (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = pickle.loads(
       gzip.decompress(pickle_gz), encoding='latin1')
-  to_uint8 = lambda x: np.rint(np.asarray(x, np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
+  # The pickle holds float32 multiples of 1/256: times 256 is exact in float32.
+  to_uint8 = lambda x: np.rint(np.asarray(x) * 256).astype(np.uint8).reshape(-1, 28, 28)
   files = {
       'train-images-idx3-ubyte.gz': _idx_bytes(to_uint8(np.concatenate([train_x, valid_x]))),
       'train-labels-idx1-ubyte.gz': _idx_bytes(np.concatenate([train_y, valid_y])),
@@ -155,8 +156,8 @@ def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
     url, info = registered[filename]
 
     def write(path, content=content):
-      with open(path, 'wb') as f:
-        f.write(gzip.compress(content, mtime=0))
+      with open(path, 'wb') as f:  # Level 1: tfds reads it the same, ten times sooner.
+        f.write(gzip.compress(content, compresslevel=1, mtime=0))
     _write_cache_entry(name, data_dir, filename, url, info, write)
 
 
