@@ -58,8 +58,8 @@ def test_config_tiny_preset_end_to_end(mock_tfds, tmp_path, module, dataset, tea
   assert config.generator.latent_dim == 1000
   if dataset == 'svhn_cropped':  # The BatchNorm prior (a BatchNorm teacher), once.
     config.generator.bn_prior_weight = 0.1
-  else:  # One device: XLA's fast-compile preset applies to single-device programs only, and
-    # SVHN's run keeps the BatchNorm networks' data-parallel path.
+  else:  # One device, the cheaper run (tests/README.md); SVHN's run keeps the BatchNorm
+    # networks' data-parallel path.
     config.parallel = 'none'
   report = _run(config, tmp_path, figures=dataset == 'svhn_cropped')  # RGB samples, once.
   fields = report['dataset_fields']
