@@ -156,7 +156,7 @@ def prefill_download_cache(name: str, files: dict, data_dir: str) -> None:
     url, info = registered[filename]
 
     def write(path, content=content):
-      with open(path, 'wb') as f:  # Level 1: tfds reads it the same, ten times sooner.
+      with open(path, 'wb') as f:  # Level 1: tfds reads it the same, and sooner.
         f.write(gzip.compress(content, compresslevel=1, mtime=0))
     _write_cache_entry(name, data_dir, filename, url, info, write)
 

@@ -45,8 +45,8 @@ def read_once(flag, axis_name):
   """`flag` (the same on every device) as the output of a cross-device minimum, which XLA
   neither fuses nor removes. Its consumers then read one value, where otherwise XLA copies
   the flag's whole chain of scalar operations (one per parameter array) into each of them:
-  a quadratic program whose compilation took ten times as long on two devices as on one
-  (tests/README.md). The same value, for one scalar collective a step."""
+  a program quadratic in the parameter arrays, slow to compile (benchmarks/README.md).
+  The same value, for one scalar collective a step."""
   if axis_name is None:
     return flag
   return jax.lax.pmin(flag.astype(jnp.int32), axis_name).astype(bool)

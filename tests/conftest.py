@@ -10,8 +10,8 @@ import tempfile
 # The tests' programs run for milliseconds and compile for seconds. XLA:CPU's fast-compile
 # preset skips the optimisation passes that make a deep network's training step take
 # tens of seconds to compile (tests/README.md); XLA:CPU's older loop emitters generate the
-# small networks' fusions in about half the time of the MLIR fusion emitters (slower for
-# the ResNets, which few tests run); and LLVM optimisation level 1 halves the
+# small networks' fusions sooner than the MLIR fusion emitters (the ResNets', which few
+# tests run, later); and LLVM optimisation level 1 halves the
 # code generation of float64 programs while running them about as fast (level 0 runs
 # float64 convolutions ten times slower). The same functions, compiled with fewer passes;
 # every program a test compares with another is compiled so.

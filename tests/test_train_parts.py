@@ -122,7 +122,7 @@ def test_every_stream_of_every_seed_has_its_own_key(smoke_config):
 def test_a_data_parallel_step_is_about_the_size_of_the_one_device_step():
   """The skipped-step flag is computed once under data parallelism: where XLA copied its
   chain of scalar ANDs into every parameter's update, the 2-device program of this step
-  was 3.7 times the 1-device one (ResNet-34's 8 times), and compiled as much longer."""
+  was several times the 1-device one, and slower to compile (benchmarks/README.md)."""
   from benchmarks import compile_time
   one, two = (compile_time.measure('wrn_16_1', 0.25, n) for n in (1, 2))
   assert two['all_reduces'] >= one['all_reduces'] > 0
