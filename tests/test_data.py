@@ -12,7 +12,6 @@ import pytest
 from rdskd_jax import data, prepare
 
 
-
 def _wheel_with(path, member_bytes):
   with zipfile.ZipFile(path, 'w') as wheel:
     wheel.writestr(prepare.MNIST_WHEEL_MEMBER, member_bytes)

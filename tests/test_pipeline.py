@@ -10,7 +10,6 @@ from configs import mnist
 from rdskd_jax import config_lib, train
 
 
-
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory, mnist_data_dir):
   config = mnist.get_config('smoke')
