@@ -36,10 +36,10 @@ def _read_rows_and_count(path: str):
 
 class MetricsLog:
   """metrics.jsonl (one JSON object per logged step) and TensorBoard event files in
-  `<workdir>/tensorboard` (through clu's metric writers, or `EventWriter` without
-  TensorFlow: scalars as `stage/name`, and images), written by process 0. Lines of a stage past the step it resumes from are
-  dropped from metrics.jsonl, so a resumed run leaves the file an uninterrupted run writes
-  (TensorBoard shows the re-run steps twice).
+  `<workdir>/tensorboard` (`EventWriter`: scalars as `stage/name`, and images), written
+  by process 0. Lines of a stage past the step it resumes from are dropped from
+  metrics.jsonl, so a resumed run leaves the file an uninterrupted run writes (TensorBoard
+  shows the re-run steps twice).
 
   Metrics of a batch of runs (a vmapped sweep group) have a leading run axis: each run
   gets its own line, with a `run` field, and TensorBoard the mean over runs.
@@ -90,37 +90,38 @@ class MetricsLog:
 
 
 def _tensorboard_writer(logdir: str):
-  """clu's writer (TensorFlow's summary ops); without TensorFlow, `EventWriter`; with
-  neither TensorFlow nor tensorboard, None after a note."""
-  try:
-    from clu import metric_writers
-  except ImportError:
-    pass
-  else:
-    return metric_writers.create_default_writer(logdir, asynchronous=False)
+  """`EventWriter`; without tensorboard, None after a note."""
   try:
     return EventWriter(logdir)
   except ImportError:
-    say('note: neither TensorFlow nor tensorboard can be imported, so no TensorBoard files '
-        'are written; metrics.jsonl holds every logged value')
+    say('note: tensorboard cannot be imported, so no TensorBoard files are written; '
+        'metrics.jsonl holds every logged value')
     return None
 
 
 class EventWriter:
-  """TensorBoard scalars and images through tensorboard's own event-file writer, which
-  needs no TensorFlow (an accelerator image may lack it, and clu's writers need it). The
-  interface is the part of clu's that MetricsLog uses."""
+  """TensorBoard scalars and images in an event file (TFRecords of `Event` protos), written
+  with tensorboard's protos and record format on a plain file. Neither TensorFlow nor its
+  file layer is imported: importing TensorFlow costs seconds in every Python a run starts
+  (tensorboard's own EventFileWriter and clu's writers import it where it is installed),
+  and an accelerator image may lack it."""
 
   def __init__(self, logdir: str):
+    import socket
     from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.summary.writer.record_writer import RecordWriter
     os.makedirs(logdir, exist_ok=True)
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
-    self._file = EventFileWriter(logdir)
+    # TensorBoard reads every file named events.out.tfevents.* in the directory; the time
+    # and host in the name keep a resumed run's file apart from the one before.
+    name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}'
+    self._file = RecordWriter(open(os.path.join(logdir, name), 'wb'))
+    self._file.write(self._event(wall_time=time.time(),
+                                 file_version='brain.Event:2').SerializeToString())
 
   def _add(self, step: int, values) -> None:
-    self._file.add_event(self._event(step=int(step), wall_time=time.time(),
-                                     summary=self._summary(value=values)))
+    self._file.write(self._event(step=int(step), wall_time=time.time(),
+                                 summary=self._summary(value=values)).SerializeToString())
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
     self._add(step, [self._summary.Value(tag=k, simple_value=float(v))

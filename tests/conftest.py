@@ -56,6 +56,18 @@ def mnist_data_dir(tmp_path_factory, mnist_wheel):
   return data_dir
 
 
+@pytest.fixture(scope='session')
+def mnist_arrays_dir(tmp_path_factory, mnist_data_dir):
+  """The session's MNIST exported as NumPy arrays (`python -m rdskd_jax.data --export`).
+  The tests that start Pythons read these: a run on arrays never imports TensorFlow,
+  which is seconds of every start (tests/README.md); reading through tfds is tested on
+  `mnist_data_dir` in this process."""
+  from rdskd_jax import data
+  out = str(tmp_path_factory.mktemp('arrays'))
+  data.export_arrays('mnist', mnist_data_dir, out)
+  return out
+
+
 @pytest.fixture
 def smoke_config(mnist_data_dir):
   """The smoke preset of configs/mnist.py on the session's MNIST."""

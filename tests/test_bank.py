@@ -178,13 +178,13 @@ def _bank_run_config(data_dir):
   return tiny_config(data_dir, BANK_RUN)
 
 
-def test_sigkill_in_the_bank_stage_then_resume(pipeline_run, mnist_data_dir, tmp_path):
+def test_sigkill_in_the_bank_stage_then_resume(pipeline_run, mnist_arrays_dir, tmp_path):
   """The command line killed by SIGKILL in the bank's stage, after its checkpoint of step
   8, then resumed (in this process): every logged step and the result equal the
   uninterrupted run's, the bank made again from the step."""
   workdir = tmp_path / 'killed'
   command = [sys.executable, '-m', 'rdskd_jax.main', '--config=configs/mnist.py:tiny',
-             f'--workdir={workdir}', f'--config.data_dir={mnist_data_dir}',
+             f'--workdir={workdir}', f'--config.data_dir={mnist_arrays_dir}',
              *(f'--config.{k}={v}' for k, v in BANK_RUN.items())]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # The test process's XLA flags (8 devices): the program compiles as the reference's did.
@@ -198,7 +198,7 @@ def test_sigkill_in_the_bank_stage_then_resume(pipeline_run, mnist_data_dir, tmp
   process.communicate(timeout=60)
   assert process.returncode == -signal.SIGKILL
   assert max(r['step'] for r in _rows(workdir) if r['stage'] == 'student') < 12
-  train.train_and_evaluate(_bank_run_config(mnist_data_dir), str(workdir))
+  train.train_and_evaluate(_bank_run_config(mnist_arrays_dir), str(workdir))
   assert_same_result(workdir, (pipeline_run['workdir'], pipeline_run))
   with open(workdir / 'report.json') as f:
     report = json.load(f)['student']

@@ -258,10 +258,10 @@ _WITH_FILE_SIZE_LIMIT = ('import os, resource, signal, sys; '
                          'os.execv(sys.executable, [sys.executable] + sys.argv[1:])')
 
 
-def test_a_failed_checkpoint_write_is_one_line_and_exit_2(mnist_data_dir, tmp_path):
+def test_a_failed_checkpoint_write_is_one_line_and_exit_2(mnist_arrays_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-c', _WITH_FILE_SIZE_LIMIT, '-m', 'rdskd_jax.main',
-       '--config=configs/mnist.py:tiny', f'--config.data_dir={mnist_data_dir}',
+       '--config=configs/mnist.py:tiny', f'--config.data_dir={mnist_arrays_dir}',
        f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (
@@ -283,7 +283,7 @@ def _can_mount_tmpfs():
 @pytest.mark.skipif(not _can_mount_tmpfs(),
                     reason='a real full disk needs a small tmpfs: root and unshare -m (CI '
                            'runs as root); the test above covers a failed write without one')
-def test_a_full_disk_is_one_line_and_exit_2(mnist_data_dir, tmp_path):
+def test_a_full_disk_is_one_line_and_exit_2(mnist_arrays_dir, tmp_path):
   """A 1 MB tmpfs as the workdir fills during the teacher's checkpoints: exit 2 and the
   run's own line, not Orbax's lines about the failed write (those are for --verbose)."""
   disk = tmp_path / 'disk'
@@ -291,7 +291,7 @@ def test_a_full_disk_is_one_line_and_exit_2(mnist_data_dir, tmp_path):
   result = subprocess.run(
       ['unshare', '-m', 'sh', '-c', f'mount -t tmpfs -o size=1m tmpfs {disk} && exec "$@"',
        'sh', sys.executable, '-m', 'rdskd_jax.main', '--config=configs/mnist.py:tiny',
-       f'--config.data_dir={mnist_data_dir}', f'--workdir={disk}/run'],
+       f'--config.data_dir={mnist_arrays_dir}', f'--workdir={disk}/run'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()

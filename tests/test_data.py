@@ -103,22 +103,13 @@ def test_dataset_without_recipe_and_no_route_is_a_clear_error(tmp_path):
     prepare.ensure_prepared('cifar10', str(tmp_path))
 
 
-@pytest.fixture(scope='module')
-def mnist_arrays(tmp_path_factory, mnist_data_dir):
-  """The session's MNIST exported as NumPy arrays (the data a device without TensorFlow
-  reads)."""
-  out = str(tmp_path_factory.mktemp('arrays'))
-  data.export_arrays('mnist', mnist_data_dir, out)
-  return out
-
-
-def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays):
+def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays_dir):
   """Exported arrays give the pipeline the images, labels, order and metadata tfds gives,
   and each process the share tfds.split_for_jax_process gives it."""
   import tensorflow_datasets as tfds
   arrays = smoke_config.copy_and_resolve_references()
-  arrays.data_dir = mnist_arrays
-  assert data.ArraysDir.find(mnist_arrays, 'mnist') is not None
+  arrays.data_dir = mnist_arrays_dir
+  assert data.ArraysDir.find(mnist_arrays_dir, 'mnist') is not None
   assert data.ArraysDir.find(smoke_config.data_dir, 'mnist') is None
   assert data._image_metadata(arrays) == data._image_metadata(smoke_config) == (10, (28, 28, 1))
   for split, n in (('test', 0), ('train', 100)):
@@ -133,10 +124,10 @@ def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays):
     np.testing.assert_array_equal(got[1], expected[1])
 
 
-def test_damaged_or_misread_arrays_are_one_line_errors(mnist_arrays, tmp_path):
+def test_damaged_or_misread_arrays_are_one_line_errors(mnist_arrays_dir, tmp_path):
   import shutil
   path = tmp_path / 'mnist' / 'arrays'
-  shutil.copytree(os.path.join(mnist_arrays, 'mnist', 'arrays'), path)
+  shutil.copytree(os.path.join(mnist_arrays_dir, 'mnist', 'arrays'), path)
   arrays = data.ArraysDir.find(str(tmp_path), 'mnist')
   with pytest.raises(data.DataError, match=r"split 'test\[10%:\]': exported arrays take NAME"):
     arrays.read('test[10%:]')

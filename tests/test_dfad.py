@@ -94,15 +94,15 @@ def test_two_devices_equal_one_in_float64(mnist_data_dir, tmp_path):
                   state_rtol=1e-5, stages=('dfad',))
 
 
-def test_sigkill_then_resume(mnist_data_dir, tmp_path, tmp_path_factory, monkeypatch):
+def test_sigkill_then_resume(mnist_arrays_dir, tmp_path, tmp_path_factory, monkeypatch):
   overrides = dict(test_reliability.OVERRIDES, method='dfad', **{'dfad.steps': 30})
   monkeypatch.setattr(test_reliability, 'OVERRIDES', overrides)
   reference = str(tmp_path_factory.mktemp('whole'))
-  whole = train.train_and_evaluate(test_reliability._config(mnist_data_dir), reference)
-  code, _ = _start_and_signal(mnist_data_dir, tmp_path, 'dfad', 10, signal.SIGKILL)
+  whole = train.train_and_evaluate(test_reliability._config(mnist_arrays_dir), reference)
+  code, _ = _start_and_signal(mnist_arrays_dir, tmp_path, 'dfad', 10, signal.SIGKILL)
   assert code == -signal.SIGKILL
   assert max(r['step'] for r in _rows(tmp_path) if r['stage'] == 'dfad') < 30
-  _finish(mnist_data_dir, tmp_path)
+  _finish(mnist_arrays_dir, tmp_path)
   assert_same_result(tmp_path, (reference, whole))
 
 

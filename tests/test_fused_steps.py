@@ -96,18 +96,18 @@ def test_fused_dafl_computes_single_steps_in_float64(shared_teacher, mnist_data_
   assert_same_run(runs[3], runs[1], loss_rtol=1e-6, state_rtol=1e-5, stages=('dafl',))
 
 
-def test_sigkill_during_fused_calls_then_resume(mnist_data_dir, tmp_path, monkeypatch):
+def test_sigkill_during_fused_calls_then_resume(mnist_arrays_dir, tmp_path, monkeypatch):
   """SIGKILL in the generator stage with 3 steps per call and logging every 4 steps: the
   resumed run calls as the uninterrupted one, through both stages, to its result."""
   overrides = {**test_reliability.OVERRIDES, 'log_every': 4, 'image_every': 12,
                'student.eval_every': 12, 'steps_per_call': 3}
   monkeypatch.setattr(test_reliability, 'OVERRIDES', overrides)
   reference = str(tmp_path / 'whole')
-  whole = (reference, train.train_and_evaluate(test_reliability._config(mnist_data_dir),
+  whole = (reference, train.train_and_evaluate(test_reliability._config(mnist_arrays_dir),
                                                reference))
   workdir = tmp_path / 'killed'
-  code, _ = _start_and_signal(mnist_data_dir, workdir, 'generator', 12, signal.SIGKILL)
+  code, _ = _start_and_signal(mnist_arrays_dir, workdir, 'generator', 12, signal.SIGKILL)
   assert code == -signal.SIGKILL
   assert max(r['step'] for r in _rows(workdir) if r['stage'] == 'generator') < 40
-  _finish(mnist_data_dir, workdir)
+  _finish(mnist_arrays_dir, workdir)
   assert_same_result(workdir, whole)

@@ -74,9 +74,9 @@ def _finish(data_dir, workdir):
 
 
 @pytest.fixture(scope='session')
-def uninterrupted(tmp_path_factory, mnist_data_dir):
+def uninterrupted(tmp_path_factory, mnist_arrays_dir):
   workdir = str(tmp_path_factory.mktemp('whole'))
-  return workdir, train.train_and_evaluate(_config(mnist_data_dir), workdir)
+  return workdir, train.train_and_evaluate(_config(mnist_arrays_dir), workdir)
 
 
 def assert_same_result(workdir, reference):
@@ -93,11 +93,11 @@ def assert_same_result(workdir, reference):
     assert abs(report['student'][key] - ref_report['student'][key]) <= 1e-6
 
 
-def test_sigterm_then_sigkill_then_resume(uninterrupted, mnist_data_dir, tmp_path):
+def test_sigterm_then_sigkill_then_resume(uninterrupted, mnist_arrays_dir, tmp_path):
   """SIGTERM in the generator stage checkpoints the step it stopped after (exit 143, one
   line); SIGKILL in the student stage loses what followed its last checkpoint; the run
   then resumed ends in the uninterrupted result, every step logged once."""
-  code, err = _start_and_signal(mnist_data_dir, tmp_path, 'generator', 10, signal.SIGTERM)
+  code, err = _start_and_signal(mnist_arrays_dir, tmp_path, 'generator', 10, signal.SIGTERM)
   assert code == 143, err[-2000:]
   line = err.strip().splitlines()[-1]
   assert line.startswith('stopped: generator: stopped by SIGTERM after step ')
@@ -105,10 +105,10 @@ def test_sigterm_then_sigkill_then_resume(uninterrupted, mnist_data_dir, tmp_pat
   assert 10 <= step < 40
   assert str(step) in os.listdir(tmp_path / 'checkpoints' / 'generator')  # Not only every 8.
   assert not any(r['stage'] == 'student' for r in _rows(tmp_path))
-  code, _ = _start_and_signal(mnist_data_dir, tmp_path, 'student', 12, signal.SIGKILL)
+  code, _ = _start_and_signal(mnist_arrays_dir, tmp_path, 'student', 12, signal.SIGKILL)
   assert code == -signal.SIGKILL
   assert max(r['step'] for r in _rows(tmp_path) if r['stage'] == 'student') < 40
-  _finish(mnist_data_dir, tmp_path)
+  _finish(mnist_arrays_dir, tmp_path)
   assert_same_result(tmp_path, uninterrupted)
 
 

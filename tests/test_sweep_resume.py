@@ -37,12 +37,12 @@ def _rows(paths):
 
 
 @pytest.mark.parametrize('vmap', [True, False], ids=['vmapped', 'one_by_one'])
-def test_sigkill_mid_stage_then_resume_logs_each_row_once(mnist_data_dir, tmp_path, vmap):
+def test_sigkill_mid_stage_then_resume_logs_each_row_once(mnist_arrays_dir, tmp_path, vmap):
   if vmap:
     logs = [tmp_path / 'groups' / '0' / 'metrics.jsonl']
   else:
     logs = [tmp_path / 'runs' / str(i) / 'metrics.jsonl' for i in (0, 1)]
-  proc = subprocess.Popen(_command(mnist_data_dir, tmp_path, vmap), cwd=ROOT,
+  proc = subprocess.Popen(_command(mnist_arrays_dir, tmp_path, vmap), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   # Past the step-8 checkpoint, before the next: rows 9.. are logged twice unless the
@@ -55,7 +55,7 @@ def test_sigkill_mid_stage_then_resume_logs_each_row_once(mnist_data_dir, tmp_pa
   assert max(r['step'] for r in _rows(logs[:1]) if r['stage'] == 'generator') < 30
   # The rest in this process, as the command line would run it.
   config = mnist.get_config('tiny')
-  config.data_dir = mnist_data_dir
+  config.data_dir = mnist_arrays_dir
   for field, value in OVERRIDES.items():
     parent, _, name = field.rpartition('.')
     (config[parent] if parent else config)[name] = value

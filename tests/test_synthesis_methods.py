@@ -233,7 +233,7 @@ def test_tiny_end_to_end(mnist_data_dir, tmp_path, method):
 
 
 @pytest.mark.parametrize('method', ['deepinversion', 'zskd'])
-def test_sigkill_then_resume(mnist_data_dir, tmp_path, tmp_path_factory, monkeypatch, method):
+def test_sigkill_then_resume(mnist_arrays_dir, tmp_path, tmp_path_factory, monkeypatch, method):
   # 2 KD steps in each of 20 steps (DeepInversion) or of the last 10 of 20 (ZSKD).
   batches = 20 if method == 'deepinversion' else 10
   overrides = dict(test_reliability.OVERRIDES, method=method, **{f'{method}.steps': batches})
@@ -241,11 +241,11 @@ def test_sigkill_then_resume(mnist_data_dir, tmp_path, tmp_path_factory, monkeyp
     overrides['student.steps'] = 20
   monkeypatch.setattr(test_reliability, 'OVERRIDES', overrides)
   reference = str(tmp_path_factory.mktemp('whole'))
-  whole = train.train_and_evaluate(test_reliability._config(mnist_data_dir), reference)
-  code, _ = _start_and_signal(mnist_data_dir, tmp_path, method, 6, signal.SIGKILL)
+  whole = train.train_and_evaluate(test_reliability._config(mnist_arrays_dir), reference)
+  code, _ = _start_and_signal(mnist_arrays_dir, tmp_path, method, 6, signal.SIGKILL)
   assert code == -signal.SIGKILL
   assert max(r['step'] for r in _rows(tmp_path) if r['stage'] == method) < 20
-  _finish(mnist_data_dir, tmp_path)
+  _finish(mnist_arrays_dir, tmp_path)
   assert_same_result(tmp_path, (reference, whole))
 
 
