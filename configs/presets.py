@@ -47,11 +47,15 @@ def smoke(c: ml_collections.ConfigDict) -> None:
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
-  """The smoke settings on a generator a few channels wide, reporting on a slice of the
-  test split, no figures: every stage's code path in the fewest seconds, for the tests of
-  resume, damage, parallelism, sweeps and methods. The real widths have their own tests."""
+  """The smoke settings on a generator a few channels wide, a teacher trained on 512
+  examples, reporting on a slice of the test split, no figures: every stage's code path in
+  the fewest seconds, for the tests of resume, damage, parallelism, sweeps and methods.
+  The real widths have their own tests."""
   smoke(c)
   narrow(c)
+  # The smoke teacher's 8 steps on batches of 64: its stage is most of a float64 run.
+  c.teacher.batch_size = 64
+  c.teacher.max_train_examples = 512
 
 
 def narrow(c: ml_collections.ConfigDict, classifier_width: float = 1.0) -> None:

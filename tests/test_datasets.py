@@ -58,9 +58,10 @@ def test_config_tiny_preset_end_to_end(mock_tfds, tmp_path, module, dataset, tea
   assert config.generator.latent_dim == 1000
   if dataset == 'svhn_cropped':  # The BatchNorm prior (a BatchNorm teacher), once.
     config.generator.bn_prior_weight = 0.1
-  else:  # One device, the cheaper run (tests/README.md); SVHN's run keeps the BatchNorm
-    # networks' data-parallel path.
-    config.parallel = 'none'
+  # One device, the cheaper run (tests/README.md): the BatchNorm networks' data-parallel
+  # path is run by the generic config's test below (WRN-10-1, RDSKD, 8 devices), the BN
+  # prior's by tests/test_dafl.py.
+  config.parallel = 'none'
   report = _run(config, tmp_path, figures=dataset == 'svhn_cropped')  # RGB samples, once.
   fields = report['dataset_fields']
   assert (fields['num_classes'], fields['channels']) == (10, 3)
@@ -112,7 +113,6 @@ def test_synthesis_methods_on_cifar10(mock_tfds, tmp_path, method):
     assert logged[0]['impression'] > 0 and logged[-1]['kd'] > 0
 
 
-@pytest.mark.parametrize('mock_tfds', [512], indirect=True)  # The smoke teacher batch.
 def test_mnist_config_runs_another_one_channel_dataset(mock_tfds, tmp_path):
   config = mnist.get_config('tiny')
   config.dataset = 'fashion_mnist'

@@ -20,8 +20,8 @@ def _execute(name):
   return outputs
 
 
-def test_quickstart_runs(mnist_data_dir, monkeypatch):
-  monkeypatch.setenv('RDSKD_DATA_DIR', mnist_data_dir)
+def test_quickstart_runs(mnist_arrays_dir, monkeypatch):
+  monkeypatch.setenv('RDSKD_DATA_DIR', mnist_arrays_dir)  # No TensorFlow in the kernel.
   monkeypatch.setenv('RDSKD_NOTEBOOK_PRESET', 'smoke')
   outputs = _execute('quickstart.ipynb')
   assert any('image/png' in o.get('data', {}) for o in outputs)
