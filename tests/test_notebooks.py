@@ -1,4 +1,4 @@
-"""Notebooks run top to bottom (smoke preset) through the library, as a user would."""
+"""Notebooks run top to bottom (the tiny preset) through the library, as a user would."""
 
 import os
 
@@ -22,7 +22,7 @@ def _execute(name):
 
 def test_quickstart_runs(mnist_arrays_dir, monkeypatch):
   monkeypatch.setenv('RDSKD_DATA_DIR', mnist_arrays_dir)  # No TensorFlow in the kernel.
-  monkeypatch.setenv('RDSKD_NOTEBOOK_PRESET', 'smoke')
+  monkeypatch.setenv('RDSKD_NOTEBOOK_PRESET', 'tiny')
   outputs = _execute('quickstart.ipynb')
   assert any('image/png' in o.get('data', {}) for o in outputs)
   assert any('test_accuracy' in o.get('text', '') for o in outputs)
