@@ -108,20 +108,3 @@ def tiny_config(mnist_data_dir):
   config = mnist.get_config('tiny')
   config.data_dir = mnist_data_dir
   return config
-
-
-# The files whose tests take longest, longest first (tests/README.md has their times); the
-# others follow in name order. pytest-xdist hands whole files to its two workers in this
-# order, so the last files handed out are short ones and the workers end together; in
-# name order a long file could start last and leave one worker alone at the end.
-LONGEST_FIRST = ('test_parallel.py', 'test_datasets.py', 'test_synthesis_methods.py',
-                 'test_fused_steps.py', 'test_mskd.py', 'test_pipeline.py', 'test_dfad.py',
-                 'test_damage.py', 'test_benchmarks.py', 'test_bank.py')
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = item.path.name
-    return (LONGEST_FIRST.index(name), '') if name in LONGEST_FIRST else (len(LONGEST_FIRST),
-                                                                          name)
-  items.sort(key=rank)  # Stable: a file's tests keep their order.
