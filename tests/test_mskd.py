@@ -19,7 +19,7 @@ from rdskd_jax.errors import ConfigError
 from rdskd_jax.methods import mskd
 
 from test_datasets import BATCHNORM_PAIR, _run, mock_tfds  # noqa: F401 (a fixture)
-from test_parallel import assert_same_run
+from test_parallel import one_and_two_devices_in_float64
 from test_reliability import _finish, _rows, _start_and_signal, assert_same_result, tiny_config
 import test_reliability
 
@@ -99,14 +99,8 @@ def test_mskd_on_cifar10(mock_tfds, tmp_path):  # noqa: F811 (the fixture)
 
 
 def test_tiny_end_to_end_and_two_devices_equal_one_in_float64(mnist_data_dir, tmp_path):
-  with jax.enable_x64(True):
-    one = _mskd(mnist_data_dir, parallel='none', dtype='float64', figures=True)
-    report = train.train_and_evaluate(one, str(tmp_path / 'one'))
-    two = _mskd(mnist_data_dir, parallel='pmap', num_devices=2, dtype='float64')
-    two.teacher.checkpoint = str(tmp_path / 'one' / 'teacher_variables')
-    train.train_and_evaluate(two, str(tmp_path / 'two'))
-  assert_same_run(str(tmp_path / 'two'), str(tmp_path / 'one'), loss_rtol=1e-6,
-                  state_rtol=1e-5, stages=('mskd',))
+  report = one_and_two_devices_in_float64(lambda **f: _mskd(mnist_data_dir, **f), tmp_path,
+                                          'mskd')
   # The one-device run end to end: its report, and its metrics every log_every (2) steps
   # and at each evaluation (every 3).
   assert report['mskd']['steps'] == 6 and report['generator']['trained_with'] == 'student'

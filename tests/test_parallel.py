@@ -129,6 +129,21 @@ def assert_same_run_float64(workdir, one_device_f64, data_dir, overrides=()):
                   stages=('generator', 'student'))
 
 
+def one_and_two_devices_in_float64(make_config, tmp_path, stage):
+  """A method's tiny run in float64 on one device (figures drawn), then on 2 devices (pmap)
+  from its teacher, compared in `stage`; returns the one-device run's report (its
+  workdir: `tmp_path / 'one'`)."""
+  with jax.enable_x64(True):
+    one = make_config(parallel='none', dtype='float64', figures=True)
+    report = train.train_and_evaluate(one, str(tmp_path / 'one'))
+    two = make_config(parallel='pmap', num_devices=2, dtype='float64')
+    two.teacher.checkpoint = str(tmp_path / 'one' / 'teacher_variables')
+    train.train_and_evaluate(two, str(tmp_path / 'two'))
+  assert_same_run(str(tmp_path / 'two'), str(tmp_path / 'one'), loss_rtol=1e-6,
+                  state_rtol=1e-5, stages=(stage,))
+  return report
+
+
 # float64 compute (parameters stay float32): the data-parallel run is the one-device run.
 @pytest.mark.parametrize('mode, num_devices', [('pmap', 2), ('shard_map', 4)])
 def test_data_parallel_run_equals_one_device_in_float64(mode, num_devices, one_device_f64,
