@@ -122,6 +122,7 @@ class EventWriter:
   def _add(self, step: int, values) -> None:
     self._file.write(self._event(step=int(step), wall_time=time.time(),
                                  summary=self._summary(value=values)).SerializeToString())
+    self._file.flush()  # TensorBoard shows a running job's steps, not only finished stages'.
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
     self._add(step, [self._summary.Value(tag=k, simple_value=float(v))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import config_lib, train
+from rdskd_jax import config_lib, metrics, train
 
 
 @pytest.fixture(scope='session')
@@ -70,6 +70,18 @@ def test_diagnostics_in_report_and_tensorboard(smoke_run):
       tags.update(v.tag for v in event.summary.value)
   assert {'generator/total', 'student/kd', 'diagnostics/frechet_distance_to_test',
           'generator/samples', 'generator/coverage_entropy'} <= tags
+
+
+def test_each_tensorboard_write_is_on_disk_at_once(tmp_path):
+  """A running job's steps reach TensorBoard as they are logged, before any flush."""
+  import tensorflow as tf
+  writer = metrics.EventWriter(str(tmp_path))
+  writer.write_scalars(3, {'student/kd': 0.5})
+  [path] = tf.io.gfile.glob(str(tmp_path / 'events.out.tfevents.*'))
+  events = list(tf.compat.v1.train.summary_iterator(path))
+  assert events[0].file_version == 'brain.Event:2'
+  assert [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value] == [
+      (3, 'student/kd', 0.5)]
 
 
 def test_plot_command_writes_curves_and_refreshes_samples(smoke_run):
