@@ -36,10 +36,14 @@ class Preempted(RunStopped):
 class _OneLineLogs(logging.Filter):
   """Log records keep their line, not their traceback; Orbax's are dropped: a failed
   checkpoint write reaches the user as the run's own error line, which Orbax's own lines
-  (four of about 400 characters on a full disk) would bury."""
+  (four of about 400 characters on a full disk) would bury. So is asyncio's report of an
+  Orbax write task whose error nobody read: it comes when the task is collected, after
+  the run's error line, and names the same failed write."""
 
   def filter(self, record):
     if f'{os.sep}orbax{os.sep}' in record.pathname:
+      return False
+    if record.name == 'asyncio' and f'{os.sep}orbax{os.sep}' in record.getMessage():
       return False
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True

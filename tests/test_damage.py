@@ -2,6 +2,7 @@
 ends in the uninterrupted result or stops with one line (exit 2 on the command line)."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -269,6 +270,23 @@ def test_a_failed_checkpoint_write_is_one_line_and_exit_2(mnist_arrays_dir, tmp_
       'failed (File too large); fix that, then run the same command again to resume')
   assert 'Traceback' not in result.stderr
 
+
+
+def test_asyncio_reports_of_orbax_write_tasks_are_dropped():
+  """After a failed write, asyncio logs 'Task exception was never retrieved' for Orbax's
+  write task when the task is collected, which can be after the run's error line (seen
+  once in the test above): the one-line filter drops it, and keeps asyncio's other lines."""
+  one_line = errors._OneLineLogs()
+
+  def record(coroutine_file):
+    return logging.getLogger('asyncio').makeRecord(
+        'asyncio', logging.ERROR, '/usr/lib/python3.11/asyncio/base_events.py', 1818,
+        "Task exception was never retrieved\nfuture: <Task finished name='Task-23' "
+        f"coro=<NumpyHandler._open_and_write() done, defined at {coroutine_file}:114> "
+        "exception=ValueError('OUT_OF_RANGE: Error writing')>", (), None)
+  orbax_file = os.path.join(os.sep, 'venv', 'orbax', 'checkpoint', 'type_handlers.py')
+  assert not one_line.filter(record(orbax_file))
+  assert one_line.filter(record(os.path.join(os.sep, 'venv', 'other', 'module.py')))
 
 def _can_mount_tmpfs():
   """Whether this process may mount a tmpfs in a mount namespace of its own (root, with
