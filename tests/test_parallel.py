@@ -225,13 +225,15 @@ def _two_processes(data_dir, workdir, port):
 
 
 def test_two_processes_stop_together_and_equal_one_device(one_device_f64, mnist_data_dir,
-                                                         tmp_path):
+                                                         mnist_arrays_dir, tmp_path):
   """jax.distributed on CPU, through the command line as a pod slice runs it: 2 processes x
   2 devices, collectives over gloo, float64 compute. Orbax saves are collective: a SIGTERM
   that reaches only process 1 stops both at the same checkpointed step (not a hang), only
-  process 0 reports, and the resumed run equals the one-device run."""
+  process 0 reports, and the resumed run equals the one-device run. The first start reads
+  each process's share from exported arrays (no TensorFlow to import), the resumed start
+  through tfds.split_for_jax_process."""
   workdir = tmp_path / 'run'
-  procs = _two_processes(mnist_data_dir, workdir, _free_port())
+  procs = _two_processes(mnist_arrays_dir, workdir, _free_port())
   deadline = time.time() + 600
   while not any(r['stage'] == 'generator' and r['step'] >= 9 for r in
                 _rows_if_any(workdir / 'metrics.jsonl')):
