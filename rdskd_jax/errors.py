@@ -41,9 +41,8 @@ class _OneLineLogs(logging.Filter):
   the run's error line, and names the same failed write."""
 
   def filter(self, record):
-    if f'{os.sep}orbax{os.sep}' in record.pathname:
-      return False
-    if record.name == 'asyncio' and f'{os.sep}orbax{os.sep}' in record.getMessage():
+    orbax = f'{os.sep}orbax{os.sep}'
+    if orbax in record.pathname or (record.name == 'asyncio' and orbax in record.getMessage()):
       return False
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True

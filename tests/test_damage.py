@@ -271,7 +271,6 @@ def test_a_failed_checkpoint_write_is_one_line_and_exit_2(mnist_arrays_dir, tmp_
   assert 'Traceback' not in result.stderr
 
 
-
 def test_asyncio_reports_of_orbax_write_tasks_are_dropped():
   """After a failed write, asyncio logs 'Task exception was never retrieved' for Orbax's
   write task when the task is collected, which can be after the run's error line (seen
@@ -287,6 +286,7 @@ def test_asyncio_reports_of_orbax_write_tasks_are_dropped():
   orbax_file = os.path.join(os.sep, 'venv', 'orbax', 'checkpoint', 'type_handlers.py')
   assert not one_line.filter(record(orbax_file))
   assert one_line.filter(record(os.path.join(os.sep, 'venv', 'other', 'module.py')))
+
 
 def _can_mount_tmpfs():
   """Whether this process may mount a tmpfs in a mount namespace of its own (root, with
