@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdskd_jax import models
+from configs import cifar10, svhn
+from rdskd_jax import models, stages, train_steps
+from rdskd_jax.methods import rdskd
 
 
 def _count(tree):
@@ -224,3 +226,37 @@ def test_width_scales_the_channels_and_keeps_the_layers(name):
     if path.endswith('kernel') and len(shape) == 4 and not image_channels:
       assert narrow[path][-1] == models.scaled(shape[-1], 1 / 8) < shape[-1], path
   assert models.scaled(3, 1 / 8) == 1 and models.scaled(64, 1 / 16) == 4
+
+
+@pytest.mark.parametrize('config_module', [svhn, cifar10])
+def test_the_deep_configs_networks_take_a_compiled_step_of_each_stage(config_module):
+  """The SVHN and CIFAR-10 configs' networks (WRN-40-2 -> WRN-16-1, ResNet-34 ->
+  ResNet-18) at the tiny presets' width, through the pipeline's own set-ups: one teacher
+  step on a real-shaped batch, one generator step through the frozen teacher with the
+  BatchNorm prior on every BatchNorm layer, one KD step of the student; each compiled
+  once, finite, and changing what it trains. The configs' end-to-end runs use WRN-10-1
+  (tests/test_datasets.py): compiling these deep steps is most of a run's time."""
+  config = config_module.get_config('tiny')
+  config.teacher.batch_size = 8
+  config.generator.bn_prior_weight = 0.1
+  teacher, generator, student = stages.build_networks(config, 10, 3)
+  size, key = config.image_size, jax.random.key(0)
+  images = np.random.default_rng(0).uniform(-2, 2, (8, size, size, 3)).astype(np.float32)
+  labels = np.arange(8) % 10
+
+  def one_step(state, step_fn, *args):
+    new, metrics = jax.jit(functools.partial(step_fn, axis_name=None))(state, *args)
+    assert all(np.isfinite(v) for v in jax.tree.leaves(metrics)), metrics
+    assert not np.array_equal(jax.tree.leaves(new['params'])[0],
+                              jax.tree.leaves(state['params'])[0])
+    return new, metrics
+
+  state, step_fn, _, _ = stages.teacher_setup(config, teacher, 3, images, labels)
+  state, _ = one_step(state, step_fn, None, key, images, labels)
+  frozen = {'teacher': train_steps.variables_of(state)}
+  state, step_fn = rdskd.generator_setup(config, generator, teacher)
+  state, metrics = one_step(state, step_fn, frozen, key)
+  assert metrics['bn_prior'] > 0
+  frozen['generator'] = train_steps.variables_of(state)
+  state, step_fn = rdskd.student_setup(config, 3, 10, generator, teacher, student)
+  one_step(state, step_fn, frozen, key)
