@@ -88,6 +88,19 @@ class MetricsLog:
     if self.writer is not None:
       self.writer.flush()
 
+  def close(self) -> None:
+    """Closes the event file: a sweep's runs or a notebook's would otherwise each leave
+    one open until the Python ends."""
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
+
+  def __enter__(self) -> 'MetricsLog':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def _tensorboard_writer(logdir: str):
   """`EventWriter`; without tensorboard, None after a note."""
@@ -144,6 +157,9 @@ class EventWriter:
 
   def flush(self) -> None:
     self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
 
 
 class Progress:

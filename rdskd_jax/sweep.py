@@ -188,11 +188,11 @@ def run_group(configs, workdir, teacher, generator, student, teacher_vars, chann
               num_classes, test_images, test_labels):
   """All runs of one group, vmapped; returns [{'test_accuracy', 'generated_agreement'}]."""
   prepare_group_workdir(configs, workdir)
-  log = metrics.MetricsLog(workdir)
-  gen_vars, student_vars, seconds = methods.get(configs[0].method).train_group(base.Group(
-      configs=configs, unit_configs=[_unit_learning_rates(c) for c in configs],
-      teacher=teacher, generator=generator, student=student, channels=channels,
-      num_classes=num_classes, stage=_group_stage(configs, workdir, teacher_vars, log)))
+  with metrics.MetricsLog(workdir) as log:
+    gen_vars, student_vars, seconds = methods.get(configs[0].method).train_group(base.Group(
+        configs=configs, unit_configs=[_unit_learning_rates(c) for c in configs],
+        teacher=teacher, generator=generator, student=student, channels=channels,
+        num_classes=num_classes, stage=_group_stage(configs, workdir, teacher_vars, log)))
   results = []
   for r, config in enumerate(configs):
     g, s = _unstack(gen_vars, r), _unstack(student_vars, r)
@@ -295,9 +295,9 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
   num_classes, channels = notes['num_classes'], notes['channels']
   teacher, generator, student = stages.build_networks(config, num_classes, channels)
   par = train.setup_parallel(config)
-  log = metrics.MetricsLog(teacher_dir)
-  teacher_vars, teacher_report = train.teacher_variables(config, teacher_dir, par, teacher,
-                                                         log, channels)
+  with metrics.MetricsLog(teacher_dir) as log:
+    teacher_vars, teacher_report = train.teacher_variables(config, teacher_dir, par, teacher,
+                                                           log, channels)
   test_images, test_labels = data.load_split(config, 'test', config.test_examples)
   teacher_report['test_accuracy'] = evaluation.evaluate(teacher, teacher_vars, test_images,
                                                         test_labels, config.eval_batch_size)

@@ -11,6 +11,7 @@ in `train_steps.py`, the teacher's stage and the run's keys in `stages.py`, the 
 `diagnostics.py`.
 """
 
+import contextlib
 import os
 import time
 from typing import Any, Dict
@@ -128,11 +129,11 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False,
   """
   t_call = time.perf_counter()
   par = setup_parallel(config)
-  with workdir_lib.WorkdirLock(workdir):
-    return _run_stages(config, workdir, overwrite, par, t_call, teacher)
+  with workdir_lib.WorkdirLock(workdir), contextlib.ExitStack() as closing:
+    return _run_stages(config, workdir, overwrite, par, t_call, teacher, closing)
 
 
-def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
+def _run_stages(config, workdir, overwrite, par, t_call, given_teacher, closing):
   """train_and_evaluate's work, with the workdir locked."""
   workdir_lib.prepare_workdir(config, workdir, overwrite)
   outside = given_teacher is not None or bool(config.teacher.checkpoint)
@@ -140,7 +141,7 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher):
   report = Report(workdir)
   num_classes, channels = dataset_notes['num_classes'], dataset_notes['channels']
   _check_outside_teacher(config, given_teacher, num_classes, channels)
-  log = metrics.MetricsLog(workdir)
+  log = closing.enter_context(metrics.MetricsLog(workdir))
   report.content.update({
       'dataset': config.dataset, 'dataset_fields': dataset_notes,
       'preset': config.get('preset', ''), 'devices': par.num_devices,

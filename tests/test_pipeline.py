@@ -84,6 +84,24 @@ def test_each_tensorboard_write_is_on_disk_at_once(tmp_path):
       (3, 'student/kd', 0.5)]
 
 
+def files_left_open_under(directory):
+  """The files under `directory` that this process still holds open (Linux's /proc)."""
+  paths = []
+  for fd in os.listdir('/proc/self/fd'):
+    try:
+      paths.append(os.readlink(f'/proc/self/fd/{fd}'))
+    except OSError:  # The listing's own descriptor, closed by now.
+      pass
+  return [p for p in paths if p.startswith(os.path.abspath(directory) + os.sep)]
+
+
+def test_a_finished_run_leaves_no_file_open(smoke_run):
+  """The event file included: a sweep's runs or a notebook's would otherwise pile up."""
+  _, workdir, _ = smoke_run
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert files_left_open_under(workdir) == []
+
+
 def test_plot_command_writes_curves_and_refreshes_samples(smoke_run):
   import subprocess
   import sys
