@@ -21,8 +21,9 @@ runs are vmapped on GPU/TPU and run one by one on CPU: on a 2-core CPU the vmapp
 Writes `W/sweep.json` (per run: settings, seed, student test accuracy, generated
 agreement, training seconds and generated samples; per setting and overall: mean, std,
 min, max; seconds) and `W/sweep.md`, the summary table; `python -m rdskd_jax.plot
---sweeps=W1,W2` draws sweeps side by side (robustness.png). Test accuracy is reported, never used to pick anything. Each group
-checkpoints its stacked state, so an interrupted sweep resumes where it stopped.
+--sweeps=W1,W2` draws sweeps side by side (robustness.png). Test accuracy is reported,
+never used to pick anything. Each group checkpoints its stacked state, so an interrupted
+sweep resumes where it stopped.
 """
 
 import ast
