@@ -10,15 +10,19 @@ import os
 import sys
 
 import jax
-import matplotlib
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-import numpy as np  # noqa: E402
+from rdskd_jax import diagnostics, evaluation, methods, metrics, runs, stages
+from rdskd_jax import workdir as workdir_lib
+from rdskd_jax.errors import ConfigError, DataError, RunStopped
 
-from rdskd_jax import diagnostics, evaluation, methods, metrics, runs, stages  # noqa: E402
-from rdskd_jax import workdir as workdir_lib  # noqa: E402
-from rdskd_jax.errors import ConfigError, DataError, RunStopped  # noqa: E402
+
+def _figure(**kwargs):
+  """A matplotlib Figure drawn to files only: no pyplot, so no global backend is chosen
+  (a notebook's stays as it is) and no figure is kept open. Imported here, where a figure
+  is drawn: a run without figures (`figures=False`) does not pay for the import."""
+  from matplotlib.figure import Figure
+  return Figure(**kwargs)
 
 
 def save_samples(path, generator, generator_vars, teacher, teacher_vars, latent_dim, config,
@@ -45,7 +49,8 @@ def save_class_grid(path, images, teacher, teacher_vars, config, per_class: int 
   std, mean = np.asarray(config.std), np.asarray(config.mean)
   pictures = np.clip(np.asarray(images) * std + mean, 0.0, 1.0)
   num_classes = probs.shape[-1]
-  fig, axes = plt.subplots(num_classes, per_class, figsize=(per_class * 0.9, num_classes * 0.9))
+  fig = _figure(figsize=(per_class * 0.9, num_classes * 0.9))
+  axes = fig.subplots(num_classes, per_class)
   for c in range(num_classes):
     members = np.flatnonzero(predicted == c)
     members = members[np.argsort(-probs[members, c])][:per_class]
@@ -62,7 +67,6 @@ def save_class_grid(path, images, teacher, teacher_vars, config, per_class: int 
   fig.suptitle(title, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
 
 
 def sample_grid(images, config, columns: int = 8) -> np.ndarray:
@@ -93,7 +97,8 @@ def save_curves(workdir: str, path: str = '') -> str:
   report = (workdir_lib.read_json(report_path, "run the job's command again to rebuild it")
             if os.path.exists(report_path) else {})
   by_stage = lambda stage: [r for r in rows if r['stage'] == stage]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+  fig = _figure(figsize=(13, 3.4))
+  axes = fig.subplots(1, 3)
   # A method with one stage for both networks names it after itself (report.json's
   # `config.method`); a method without a generator logs its inputs' optimisation
   # (train_steps.optimise_inputs: `best_total`).
@@ -135,7 +140,6 @@ def save_curves(workdir: str, path: str = '') -> str:
   fig.tight_layout()
   path = path or os.path.join(workdir, 'curves.png')
   fig.savefig(path, dpi=90)
-  plt.close(fig)
   return path
 
 
@@ -168,8 +172,10 @@ def save_robustness(sweep_dirs, path: str) -> str:
   Test accuracy is reported here, never used to choose. Returns the path written."""
   results = [read_sweep(d) for d in sweep_dirs]
   settings = sum(len(r['summary']) for r in results)
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * settings + 1.5), 4.2))
-  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  import matplotlib
+  fig = _figure(figsize=(max(4.0, 0.9 * settings + 1.5), 4.2))
+  ax = fig.subplots()
+  colours = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   labels, positions, x = [], [], 0.0
   for m, result in enumerate(results):
     colour = colours[m % len(colours)]
@@ -196,7 +202,6 @@ def save_robustness(sweep_dirs, path: str) -> str:
   ax.legend(fontsize=7, loc='best')  # 'best' keeps a low worst seed from hiding under it.
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
