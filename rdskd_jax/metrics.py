@@ -89,8 +89,8 @@ class MetricsLog:
       self.writer.flush()
 
   def close(self) -> None:
-    """Closes the event file: a sweep's runs or a notebook's would otherwise each leave
-    one open until the Python ends."""
+    """Closes the event file. A run's closures keep its log alive in a reference cycle,
+    so without this each run in one Python (a notebook's) left its file open."""
     if self.writer is not None:
       self.writer.close()
       self.writer = None

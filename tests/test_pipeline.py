@@ -84,7 +84,7 @@ def test_each_tensorboard_write_is_on_disk_at_once(tmp_path):
       (3, 'student/kd', 0.5)]
 
 
-def files_left_open_under(directory):
+def _files_left_open_under(directory):
   """The files under `directory` that this process still holds open (Linux's /proc)."""
   paths = []
   for fd in os.listdir('/proc/self/fd'):
@@ -96,10 +96,10 @@ def files_left_open_under(directory):
 
 
 def test_a_finished_run_leaves_no_file_open(smoke_run):
-  """The event file included: a sweep's runs or a notebook's would otherwise pile up."""
+  """The event file included: the runs of one Python (a notebook's) would pile them up."""
   _, workdir, _ = smoke_run
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
-  assert files_left_open_under(workdir) == []
+  assert _files_left_open_under(workdir) == []
 
 
 def test_plot_command_writes_curves_and_refreshes_samples(smoke_run):
