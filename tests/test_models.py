@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,18 @@ def test_lenet_parameter_counts_and_outputs(name, params):
   logits, features = model.apply(variables, jnp.zeros((3, 32, 32, 1)))
   assert logits.shape == (3, 10)
   assert features.shape == (3, {'lenet5': 120, 'lenet5_half': 60}[name])  # conv3's outputs
+
+
+def test_lenets_max_pool_is_flaxs_with_its_gradient():
+  """The reshape form of LeNet-5's 2x2 pooling gives flax's windowed maxima and, where
+  every window has one maximum, the same gradient, bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (3, 28, 28, 6))
+  windowed = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(models.max_pool_2x2(x), windowed(x))
+  weights = jax.random.normal(jax.random.key(1), (3, 14, 14, 6))
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
+  np.testing.assert_array_equal(grad(models.max_pool_2x2), grad(windowed))
+  assert np.count_nonzero(grad(models.max_pool_2x2)) == weights.size  # One per window.
 
 
 @pytest.mark.parametrize('name, width, shapes', [
