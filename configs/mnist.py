@@ -47,13 +47,13 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.generator.steps = 120
     c.generator.epoch_length = 40
     c.student.batch_size = 256
-    # 16 fresh images a step, the rest of the batch from the bank (student.reuse): a step
-    # takes 53 ms here instead of 169 ms (benchmarks/README.md), so 10,000 steps take the
-    # time 3,500 fresh-batch steps took. Reuse 16 by agreement on fresh generated samples
-    # after 3,500 steps (0.86 at reuse 4 and 16, 0.84 at 64) and by speed, not by test
-    # accuracy (docs/2026-12-04-sample-bank.md).
+    # 16 fresh images a step, the rest of the batch from the bank (student.reuse): reuse 16
+    # by agreement on fresh generated samples after 3,500 steps (0.86 at reuse 4 and 16,
+    # 0.84 at 64) and by speed, not by test accuracy (docs/2026-12-04-sample-bank.md).
+    # 20,000 steps by the time budget: a step takes about 23 ms here (benchmarks/README.md),
+    # so the stage takes about the time 3,500 fresh-batch steps took before.
     c.student.reuse = 16
-    c.student.steps = 10000
+    c.student.steps = 20000
     c.student.learning_rate = 4e-3
     c.student.schedule = 'cosine'
     c.student.eval_every = 1000
@@ -67,18 +67,18 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.dfad.batch_size = 256
     c.dfad.steps = 450
     # DeepInversion (method='deepinversion'): 20 batches of 256 at 200 iterations (the
-    # authors' 2,000 do not fit this budget), each followed by 500 of the student's 10,000
+    # authors' 2,000 do not fit this budget), each followed by 1,000 of the student's 20,000
     # KD steps above (175 of 3,500 before the bank).
     c.deepinversion.steps = 20
     c.deepinversion.iterations = 200
     # ZSKD (method='zskd'): 40 batches of 100 impressions at 500 iterations (the paper's
-    # 240 at 1,500 do not fit this budget), then the 10,000 KD steps, 250 per step (35
-    # batches and 3,500 steps before the bank: 10,000 is no multiple of 35).
+    # 240 at 1,500 do not fit this budget), then the 20,000 KD steps, 500 per step (35
+    # batches and 3,500 steps before the bank: 20,000 is no multiple of 35).
     c.zskd.steps = 40
     c.zskd.iterations = 500
-    # MSKD (method='mskd'): 1,000 iterations of batch 128, 10,000 student steps as RDSKD's
-    # student above, estimating an iteration (a generator step, a generator forward and 10
-    # small student steps) at 0.6 s here.
+    # MSKD (method='mskd'): 1,000 iterations of batch 128 (10,000 student steps), for about
+    # the training time of the RDSKD stages before the bank, estimating an iteration (a
+    # generator step, a generator forward and 10 small student steps) at 0.6 s here.
     c.mskd.steps = 1000
     c.image_every = 40
     c.checkpoint_every = 200

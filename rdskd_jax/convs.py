@@ -146,3 +146,40 @@ class NarrowConv3x3(nn.Module):
     y = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
     out = sum(y[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3))
     return out + bias.astype(out.dtype)
+
+
+def _band(kernel, width: int):
+  """(kh, kw, Cin, Cout) kernel -> (kh, width*Cin, (width-kw+1)*Cout): row i's taps as a
+  banded matrix, entry (v*Cin + c, u*Cout + d) = kernel[i, v-u, c, d] where 0 <= v-u < kw."""
+  kh, kw, cin, cout = kernel.shape
+  out_width = width - kw + 1
+  v, u, j = np.arange(width)[:, None, None], np.arange(out_width)[None, :, None], np.arange(kw)
+  shift = jnp.asarray(v == u + j, kernel.dtype)                    # (width, out_width, kw)
+  band = jnp.einsum('vuj,ijcd->ivcud', shift, kernel)
+  return band.reshape(kh, width * cin, out_width * cout)
+
+
+class RowBandConv(nn.Module):
+  """A 'VALID' stride-1 conv on small images (LeNet-5's 5x5s) as one matmul per kernel row:
+  each input row, flattened with its channels, times that kernel row's taps laid out as a
+  banded matrix. The same function as nn.Conv(features, kernel_size, padding='VALID'),
+  with the same parameters; on CPU XLA's conv runs LeNet-5's few-channel shapes slowly
+  (one input channel in the first), and this form runs the student's forward and backward
+  several times faster (benchmarks/README.md). `kernel_init`, `bias_init` and `dtype` as
+  nn.Conv's."""
+  features: int
+  kernel_size: tuple = (5, 5)
+  dtype: object = None
+  kernel_init: object = torch_kernel_init
+  bias_init: object = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, cin = x.shape
+    kh, kw = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, cin, self.features), jnp.float32)
+    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    band, out_h, out_w = _band(kernel, w), h - kh + 1, w - kw + 1
+    rows = sum(x[:, i:i + out_h].reshape(n * out_h, w * cin) @ band[i] for i in range(kh))
+    return rows.reshape(n, out_h, out_w, self.features) + bias

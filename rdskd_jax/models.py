@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdskd_jax.convs import NarrowConv3x3, UpsampleConv, torch_bias_init, torch_kernel_init
+from rdskd_jax.convs import (NarrowConv3x3, RowBandConv, UpsampleConv, torch_bias_init,
+                             torch_kernel_init)
 
 _CLASSIFIERS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -111,9 +112,9 @@ class _LeNet5Family(nn.Module):
     c1, c2, c3, hidden = (scaled(c, self.width) for c in self.widths)
     x = images
     def conv(features, name):  # PyTorch's default initialisation, as the authors' LeNet-5.
-      return nn.Conv(features, (5, 5), padding='VALID', dtype=self.dtype, name=name,
-                     kernel_init=torch_kernel_init,
-                     bias_init=torch_bias_init(25 * x.shape[-1]))
+      return RowBandConv(features, (5, 5), dtype=self.dtype, name=name,
+                         kernel_init=torch_kernel_init,
+                         bias_init=torch_bias_init(25 * x.shape[-1]))
 
     def dense(features, name):
       return nn.Dense(features, dtype=self.dtype, name=name, kernel_init=torch_kernel_init,

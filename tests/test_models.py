@@ -112,6 +112,29 @@ def test_subpixel_generator_equals_literal_upsample_conv_in_float64():
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale)
 
 
+@pytest.mark.parametrize('shape, features', [((4, 32, 32, 1), 6), ((4, 14, 14, 3), 8)])
+def test_lenets_row_band_conv_equals_a_valid_conv_in_float64(shape, features):
+  """LeNet-5's 5x5 convs (convs.RowBandConv): flax's 'VALID' nn.Conv on the same
+  parameters, values and gradients (input and parameters), and the same initialisation."""
+  from rdskd_jax import convs
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+    inits = dict(kernel_init=convs.torch_kernel_init, bias_init=convs.torch_bias_init(25))
+    band = convs.RowBandConv(features, **inits)
+    literal = nn.Conv(features, (5, 5), padding='VALID', **inits)
+    params = band.init(jax.random.key(1), x)['params']
+    jax.tree.map(np.testing.assert_array_equal, params,
+                 literal.init(jax.random.key(1), x)['params'])
+
+    def objective(module):
+      f = lambda params, x: jnp.sum(jnp.sin(3 * module.apply({'params': params}, x)))
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+    (value_a, grads_a), (value_b, grads_b) = objective(literal), objective(band)
+    np.testing.assert_allclose(value_b, value_a, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+      np.testing.assert_allclose(b, a, rtol=0, atol=1e-10 * float(jnp.max(jnp.abs(a))))
+
+
 @pytest.mark.parametrize('subpixel', [True, False])
 def test_generator_initial_parameters_do_not_depend_on_x64(subpixel):
   """The same float32 parameters with and without jax_enable_x64: float64 runs (tests, the
