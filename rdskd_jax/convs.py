@@ -1,10 +1,11 @@
-"""Two convolutions of the generator in exact, faster forms, and PyTorch's default
-initialisers, which the authors' generator and LeNet-5 keep (docs/speed-cpu.md).
+"""Convolutions in exact, faster forms, two of the generator's and LeNet-5's, and PyTorch's
+default initialisers, which the authors' generator and LeNet-5 keep (docs/speed-cpu.md).
 
 `UpsampleConv`: nearest 2x upsampling then a 3x3 conv, computed as four 2x2 convs on the
 low-resolution input (sub-pixel form). `NarrowConv3x3`: a 3x3 conv to few channels as one
-matmul and nine shifted adds. Each computes the same function, with the same parameters,
-as the literal layer.
+matmul and nine shifted adds. `RowBandConv`: LeNet-5's 5x5 'VALID' convs as one matmul
+per kernel row. Each computes the same function, with the same parameters, as the
+literal layer.
 """
 
 import flax.linen as nn
@@ -170,7 +171,7 @@ class RowBandConv(nn.Module):
   features: int
   kernel_size: tuple = (5, 5)
   dtype: object = None
-  kernel_init: object = torch_kernel_init
+  kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros
 
   @nn.compact
