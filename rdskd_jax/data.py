@@ -243,8 +243,8 @@ def _read_split(config, split):
     return arrays.read(split)
   import tensorflow_datasets as tfds
   ensure_prepared(config.dataset, config.data_dir or default_data_dir())
-  if isinstance(split, tuple):
-    split = tfds.split_for_jax_process(split[0])
+  if isinstance(split, tuple):  # The share named, not read from jax: the same in a test.
+    split = tfds.split_for_jax_process(split[0], process_index=split[1], process_count=split[2])
   ds = tfds.load(config.dataset, split=split, data_dir=config.data_dir or default_data_dir(),
                  as_supervised=True, batch_size=4096, shuffle_files=False, download=False)
   chunks = list(tfds.as_numpy(ds))

@@ -117,11 +117,15 @@ def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays_dir)
     got = data.load_split(arrays, split, max_examples=n)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
+  sizes = []
   for index, split in enumerate(tfds.even_splits('test[:1001]', 3)):
     expected = data._read_split(smoke_config, split)
-    got = data._read_split(arrays, ('test[:1001]', index, 3))
-    np.testing.assert_array_equal(got[0], expected[0])
-    np.testing.assert_array_equal(got[1], expected[1])
+    sizes.append(len(expected[1]))
+    for config in (smoke_config, arrays):  # A process's share, through tfds and arrays.
+      got = data._read_split(config, ('test[:1001]', index, 3))
+      np.testing.assert_array_equal(got[0], expected[0])
+      np.testing.assert_array_equal(got[1], expected[1])
+  assert sorted(sizes) == [333, 334, 334]
 
 
 def test_damaged_or_misread_arrays_are_one_line_errors(mnist_arrays_dir, tmp_path):

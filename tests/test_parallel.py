@@ -229,9 +229,9 @@ def test_two_processes_stop_together_and_equal_one_device(one_device_f64, mnist_
   """jax.distributed on CPU, through the command line as a pod slice runs it: 2 processes x
   2 devices, collectives over gloo, float64 compute. Orbax saves are collective: a SIGTERM
   that reaches only process 1 stops both at the same checkpointed step (not a hang), only
-  process 0 reports, and the resumed run equals the one-device run. The first start reads
-  each process's share from exported arrays (no TensorFlow to import), the resumed start
-  through tfds.split_for_jax_process."""
+  process 0 reports, and the resumed run equals the one-device run. Both starts read each
+  process's share from exported arrays (no TensorFlow to import); that a share read
+  through tfds is the same is tests/test_data.py's."""
   workdir = tmp_path / 'run'
   procs = _two_processes(mnist_arrays_dir, workdir, _free_port())
   deadline = time.time() + 600
@@ -250,7 +250,7 @@ def test_two_processes_stop_together_and_equal_one_device(one_device_f64, mnist_
   assert steps[0] == steps[1] and steps[0] % 2 == 0 and steps[0] < 20
   assert str(steps[0]) in os.listdir(workdir / 'checkpoints' / 'generator')
 
-  outputs = _finish_all(_two_processes(mnist_data_dir, workdir, _free_port()))
+  outputs = _finish_all(_two_processes(mnist_arrays_dir, workdir, _free_port()))
   assert '[student] test accuracy' in outputs[0][1]
   assert '[student]' not in outputs[1][1]  # Only process 0 reports.
   report = json.load(open(workdir / 'report.json'))
