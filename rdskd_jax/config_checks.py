@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rdskd_jax import methods, models, parallel
+from rdskd_jax import data, methods, models, parallel
 from rdskd_jax.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'sgd')
@@ -30,6 +30,21 @@ def positive_float(config, field):
   value = _get(config, field)
   require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
           field, value, 'a positive number')
+
+
+def _check_test_split(config):
+  """The test split, or a slice of the train split that the teacher stage does not read."""
+  split = config.test_split
+  parsed = data.split_range(split) if isinstance(split, str) else None
+  require(parsed is not None and (parsed[2] is None or parsed[2] > parsed[1]), 'test_split',
+          split, "a split 'NAME' or a slice 'NAME[N:]', 'NAME[:M]' or 'NAME[N:M]'")
+  name, start, _ = parsed
+  if name != 'train' or config.teacher.checkpoint or not config.dataset:
+    return
+  held_out = 0 < config.teacher.max_train_examples <= start
+  require(held_out, 'test_split', split,
+          'a slice of the train split after the teacher\'s examples: teacher.max_train_examples'
+          f'={config.teacher.max_train_examples} must be positive and at most {start}')
 
 
 def _get(config, field):
@@ -189,6 +204,7 @@ def validate(config: ml_collections.ConfigDict, available_devices: int = 1) -> N
   for field in ('teacher.max_train_examples', 'test_examples'):
     require(isinstance(_get(config, field), int) and _get(config, field) >= 0, field,
             _get(config, field), '0 (all) or a positive count')
+  _check_test_split(config)
   for block in ('generator', 'student'):
     generated_batch(config, block, num_devices)
   _check_reused_samples(config)

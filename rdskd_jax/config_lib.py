@@ -47,6 +47,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.diagnostic_samples = 4096       # Generated samples behind report.json's diagnostics.
   c.test_examples = 0               # Report on the first N examples of the test split; 0: all
                                     #   (a slice only to make tests quick).
+  c.test_split = 'test'             # The split reported on. To choose settings without the
+                                    #   test split: a slice of the train split the teacher does
+                                    #   not see, 'train[50000:]' with teacher.max_train_examples
+                                    #   = 50000 (a validation slice).
   c.figures = True                  # Draw samples.png and curves.png at the end of the run.
 
   c.teacher = ml_collections.ConfigDict()

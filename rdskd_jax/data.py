@@ -2,7 +2,9 @@
 augmentation.
 
 Only two readers of real data exist: `load_split(config, 'train')` for the teacher stage
-and `load_split(config, 'test')` for evaluation. Nothing else in the package touches it. A
+and `load_split(config, config.test_split)` for evaluation (the test split, or a slice of
+the train split that the teacher did not see, for choosing settings). Nothing else in the
+package touches it. A
 teacher from outside reads no train split; with `config.dataset` '' nothing is read.
 A dataset that is not in the tfds data_dir is built by `prepare.ensure_prepared`.
 
@@ -40,6 +42,29 @@ def _arrays(config):
   return ArraysDir.find(config.data_dir or default_data_dir(), config.dataset)
 
 
+_SPLIT = re.compile(r'(\w+)(?:\[(\d*):(\d*)\])?')
+
+
+def split_range(split: str):
+  """(name, first index, end index or None for the split's end) of a split written
+  'NAME', 'NAME[:N]', 'NAME[N:]' or 'NAME[N:M]'; None for any other form."""
+  match = _SPLIT.fullmatch(split)
+  if not match:
+    return None
+  name, start, stop = match.groups()
+  return name, int(start or 0), int(stop) if stop else None
+
+
+def first_examples(split: str, count: int) -> str:
+  """The split string for the first `count` examples of `split` (0: all of it)."""
+  parsed = split_range(split)
+  if not count or parsed is None:
+    return f'{split}[:{count}]' if count else split
+  name, start, stop = parsed
+  stop = start + count if stop is None else min(stop, start + count)
+  return f'{name}[{start}:{stop}]' if start else f'{name}[:{stop}]'
+
+
 class ArraysDir:
   """A dataset exported as NumPy arrays: `<data_dir>/<dataset>/arrays/` holding info.json
   (class count, image shape, examples per split) and `<split>.npz` (`images` uint8 NHWC,
@@ -65,16 +90,18 @@ class ArraysDir:
     return cls(path) if os.path.exists(os.path.join(path, 'info.json')) else None
 
   def read(self, split):
-    """(uint8 images, labels) of `split`: 'NAME', 'NAME[:N]', or (either, process index,
-    process count) for that process's share, divided as `tfds.even_splits` does (the
-    first shares one example longer where the count does not divide)."""
+    """(uint8 images, labels) of `split`: 'NAME', 'NAME[:N]', 'NAME[N:]', 'NAME[N:M]', or
+    (any of those, process index, process count) for that process's share, divided as
+    `tfds.even_splits` does (the first shares one example longer where the count does
+    not divide)."""
     share = None
     if isinstance(split, tuple):
       split, share = split[0], split[1:]
-    match = re.fullmatch(r'(\w+)(?:\[:(\d+)\])?', split)
-    if not match:
-      raise DataError(f'split {split!r}: exported arrays take NAME or NAME[:N]')
-    name, first = match.groups()
+    parsed = split_range(split)
+    if parsed is None:
+      raise DataError(f'split {split!r}: exported arrays take NAME, NAME[:N], NAME[N:] or '
+                      'NAME[N:M]')
+    name, start, stop = parsed
     if name not in self.examples:
       raise DataError(f'split {name!r} is not in {self.path} (it holds '
                       f'{", ".join(sorted(self.examples))})')
@@ -83,8 +110,7 @@ class ArraysDir:
     if len(images) != self.examples[name] or len(labels) != len(images):
       raise DataError(f'{self.path}/{name}.npz holds {len(images)} images and {len(labels)} '
                       f'labels; info.json says {self.examples[name]}: export it again')
-    if first:
-      images, labels = images[:int(first)], labels[:int(first)]
+    images, labels = images[start:stop], labels[start:stop]
     if share is not None:
       index, count = share
       parts = np.array_split(np.arange(len(images)), count)[index]
@@ -225,8 +251,7 @@ def load_split(config, split: str, max_examples: int = 0, per_process: bool = Fa
   (`tfds.split_for_jax_process`, or the same even division of exported arrays);
   evaluation sums the shares' counts.
   """
-  if max_examples:
-    split = f'{split}[:{max_examples}]'
+  split = first_examples(split, max_examples)
   if per_process and jax.process_count() > 1:
     split = (split, jax.process_index(), jax.process_count())
   images, labels = _read_split(config, split)

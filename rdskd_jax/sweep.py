@@ -299,7 +299,7 @@ def _sweep(config, workdir, seeds, grid_text, vmap):
   with metrics.MetricsLog(teacher_dir) as log:
     teacher_vars, teacher_report = train.teacher_variables(config, teacher_dir, par, teacher,
                                                            log, channels)
-  test_images, test_labels = data.load_split(config, 'test', config.test_examples)
+  test_images, test_labels = data.load_split(config, config.test_split, config.test_examples)
   teacher_report['test_accuracy'] = evaluation.evaluate(teacher, teacher_vars, test_images,
                                                         test_labels, config.eval_batch_size)
   teacher_path = (os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint

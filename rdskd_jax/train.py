@@ -119,6 +119,12 @@ class Report:
     workdir_lib.write_json_atomic(self.path, self.content)
 
 
+def _accuracy_name(config) -> str:
+  """What report.json's test_accuracy measures: accuracy on config.test_split."""
+  return ('test accuracy' if config.test_split == 'test' else
+          f'accuracy on {config.test_split}')
+
+
 def train_and_evaluate(config, workdir: str, overwrite: bool = False,
                        teacher=None) -> Dict[str, Any]:
   """Runs all stages (resuming any that are done or partly done); returns the report.
@@ -151,11 +157,11 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher, closing)
       'seed': config.seed, 'config': config.to_dict()})
   test_images = test_labels = None  # Without a dataset nothing is evaluated on real data.
   if config.dataset:
-    test_images, test_labels = data.load_split(config, 'test', config.test_examples,
-                                               per_process=True)
+    test_images, test_labels = data.load_split(config, config.test_split,
+                                               config.test_examples, per_process=True)
 
   def test_accuracy(model, variables):
-    """Reporting only: {'test_accuracy': accuracy on the test split}, {} without one."""
+    """Reporting only: {'test_accuracy': accuracy on config.test_split}, {} without one."""
     if test_images is None:
       return {}
     return {'test_accuracy': evaluation.evaluate(model, variables, test_images, test_labels,
@@ -183,7 +189,7 @@ def _run_stages(config, workdir, overwrite, par, t_call, given_teacher, closing)
     teacher_report['seconds'] = report.total_seconds('teacher', teacher_report['seconds'])
   report.add('teacher', teacher_report)
   if 'test_accuracy' in teacher_report:
-    metrics.say(f'[teacher] test accuracy {teacher_report["test_accuracy"]:.4f} '
+    metrics.say(f'[teacher] {_accuracy_name(config)} {teacher_report["test_accuracy"]:.4f} '
                 f'({time.perf_counter() - t0:.0f}s)')
 
   gcfg = config.generator
@@ -261,7 +267,7 @@ def _report_student(config, workdir, report, outcome, *, networks, teacher_vars,
   report.add('student', {'steps': outcome.student_steps, **accuracy,
                          'generated_agreement': agreement, 'seconds': outcome.student_seconds,
                          **(outcome.student_entries or {})})
-  metrics.say(f'[student] test accuracy {accuracy["test_accuracy"]:.4f}' if accuracy else
+  metrics.say(f'[student] {_accuracy_name(config)} {accuracy["test_accuracy"]:.4f}' if accuracy else
               f'[student] agreement with the teacher on {on} {agreement:.4f}')
   if config.figures and parallel.is_main_process():
     path = os.path.join(workdir, 'samples.png')

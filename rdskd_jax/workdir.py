@@ -203,7 +203,7 @@ _RUN_FILES = ('checkpoints', 'teacher_variables', 'metrics.jsonl', 'report.json'
 FIELDS_ADDED_LATER = {'student.generator_batchnorm': 'running', 'num_classes': 0,
                       'channels': 0, 'steps_per_call': 0, 'teacher.width': 1.0,
                       'generator.width': 1.0, 'student.width': 1.0, 'student.reuse': 1,
-                      'student.bank_size': 0, 'generator.checkpoint': ''}
+                      'student.bank_size': 0, 'generator.checkpoint': '', 'test_split': 'test'}
 
 
 def with_fields_added_later(saved: Dict[str, Any]) -> Dict[str, Any]:

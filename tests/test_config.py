@@ -51,6 +51,8 @@ def test_unknown_preset():
     ('generator.width', 0.0, 'config.generator.width=0.0: expected a positive number'),
     ('student.width', -0.5, 'config.student.width=-0.5: expected a positive number'),
     ('test_examples', -1, 'config.test_examples=-1: expected 0 .all. or a positive count'),
+    ('test_split', 'test[10%:]', r"config.test_split='test\[10%:\]': expected a split 'NAME'"),
+    ('test_split', 'train[9:9]', r"config.test_split='train\[9:9\]': expected a split 'NAME'"),
 ])
 def test_bad_values_are_named(field, value, message):
   config = mnist.get_config('smoke')
@@ -58,6 +60,23 @@ def test_bad_values_are_named(field, value, message):
   (config[parent] if parent else config)[name] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
     config_checks.validate(config)
+
+
+def test_a_validation_slice_must_be_train_data_the_teacher_does_not_see():
+  config = mnist.get_config('smoke')
+  config.test_split = 'train[50000:]'
+  message = (r"config.test_split='train\[50000:\]': expected a slice of the train split after "
+             r"the teacher's examples: teacher.max_train_examples={} must be positive and at "
+             'most 50000')
+  for examples in (0, 50001):  # The whole split, or one image too many.
+    config.teacher.max_train_examples = examples
+    with pytest.raises(config_lib.ConfigError, match=message.format(examples)):
+      config_checks.validate(config)
+  config.teacher.max_train_examples = 50000
+  config_checks.validate(config)
+  config.test_split, config.teacher.max_train_examples = 'train[:100]', 0
+  config.teacher.checkpoint = '/a/teacher/trained/elsewhere'  # Its data is not ours to check.
+  config_checks.validate(config)
 
 
 @pytest.mark.parametrize('fields, devices, message', [

@@ -112,11 +112,14 @@ def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays_dir)
   assert data.ArraysDir.find(mnist_arrays_dir, 'mnist') is not None
   assert data.ArraysDir.find(smoke_config.data_dir, 'mnist') is None
   assert data._image_metadata(arrays) == data._image_metadata(smoke_config) == (10, (28, 28, 1))
-  for split, n in (('test', 0), ('train', 100)):
+  for split, n in (('test', 0), ('train', 100), ('train[100:]', 150), ('train[40:90]', 0)):
     expected = data.load_split(smoke_config, split, max_examples=n)
     got = data.load_split(arrays, split, max_examples=n)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
+    if split == 'train[100:]':  # The first 150 after the first 100.
+      first = data.load_split(arrays, 'train', max_examples=250)
+      np.testing.assert_array_equal(got[0], first[0][100:])
   sizes = []
   for index, split in enumerate(tfds.even_splits('test[:1001]', 3)):
     expected = data._read_split(smoke_config, split)
@@ -126,6 +129,16 @@ def test_exported_arrays_read_as_the_tfds_splits(smoke_config, mnist_arrays_dir)
       np.testing.assert_array_equal(got[0], expected[0])
       np.testing.assert_array_equal(got[1], expected[1])
   assert sorted(sizes) == [333, 334, 334]
+
+
+def test_a_splits_first_examples():
+  assert data.first_examples('test', 0) == 'test'
+  assert data.first_examples('test', 1000) == 'test[:1000]'
+  assert data.first_examples('train[50000:]', 1000) == 'train[50000:51000]'
+  assert data.first_examples('train[50000:50100]', 1000) == 'train[50000:50100]'
+  assert data.first_examples('train[:500]', 100) == 'train[:100]'
+  assert data.split_range('train[5:]') == ('train', 5, None)
+  assert data.split_range('test[10%:]') is None
 
 
 def test_damaged_or_misread_arrays_are_one_line_errors(mnist_arrays_dir, tmp_path):

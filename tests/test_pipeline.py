@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from rdskd_jax import config_lib, metrics, train
+from rdskd_jax import config_lib, data, metrics, train
 
 
 @pytest.fixture(scope='session')
@@ -127,9 +127,10 @@ def test_rerun_resumes_and_changes_nothing(smoke_run):
   assert open(os.path.join(workdir, 'metrics.jsonl')).read() == metrics_before
 
 
-def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir):
+def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir, monkeypatch):
   """The default preset unchanged but for step counts (and a slice of train data), with
-  light reporting (the smoke run above checks it)."""
+  light reporting (the smoke run above checks it), reported on a validation slice: the
+  train images after the teacher's."""
   config = mnist.get_config()
   config.data_dir = mnist_data_dir
   config.teacher.max_train_examples = 2 * config.teacher.batch_size
@@ -137,13 +138,22 @@ def test_paper_preset_runs_its_first_steps(tmp_path, mnist_data_dir):
   config.generator.steps = 2
   config.student.steps = 2
   config.log_every = 1
+  config.test_split = f'train[{config.teacher.max_train_examples}:]'
   config.test_examples, config.figures = 1000, False
   config.diagnostic_samples = config.student.agreement_samples = 512
+  read = []  # The real data the run reads: (split, first examples).
+  load_split = data.load_split
+  monkeypatch.setattr(data, 'load_split', lambda config, split, count=0, **kwargs: (
+      read.append(data.first_examples(split, count)) or
+      load_split(config, split, count, **kwargs)))
   report = train.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['step'] for r in rows if r['stage'] == 'generator'] == [1, 2]
   assert report['config']['generator']['batch_size'] == 512
   assert report['config']['student']['steps'] == 2
+  n = config.teacher.max_train_examples
+  assert sorted(read) == sorted([f'train[:{n}]', f'train[{n}:{n + 1000}]'])  # No test split.
+  assert 0 <= report['student']['test_accuracy'] <= 1
 
 
 def test_teacher_checkpoint_is_reused_without_training(smoke_run, tmp_path):
