@@ -167,8 +167,7 @@ def _image_metadata(config):
 
 def channel_statistics(config, max_examples: int = 0):
   """Per-channel (mean, std) of the train split's pixels scaled to [0, 1]."""
-  split = f'train[:{max_examples}]' if max_examples else 'train'
-  images, _ = _read_split(config, split)
+  images, _ = _read_split(config, first_examples('train', max_examples))
   pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
   return tuple(float(v) for v in pixels.mean(0)), tuple(float(v) for v in pixels.std(0))
 

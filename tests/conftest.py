@@ -21,9 +21,11 @@ QUICK_COMPILE = ('--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE '
                  '--xla_backend_optimization_level=1')
 
 
-def xla_flags(devices: int) -> str:
-  """XLA_FLAGS for a Python the tests start: `devices` fake CPU devices, quick compilation."""
-  return f'--xla_force_host_platform_device_count={devices} {QUICK_COMPILE}'
+def xla_flags(devices: int, llvm_level: int = 1) -> str:
+  """XLA_FLAGS for a Python the tests start: `devices` fake CPU devices, quick compilation;
+  `llvm_level` 0 for a Python whose programs' speed does not matter."""
+  flags = QUICK_COMPILE.replace('optimization_level=1', f'optimization_level={llvm_level}')
+  return f'--xla_force_host_platform_device_count={devices} {flags}'
 
 
 os.environ.setdefault('XLA_FLAGS', xla_flags(8))

@@ -14,8 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_steps_benchmark_prints_one_json_object_per_step():
   # LLVM's optimisation level 0: the script's output is checked, not its programs' speed,
   # and the bfloat16 programs' code generation at level 1 is half of this test's time.
-  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(2).replace(
-      'optimization_level=1', 'optimization_level=0'))
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(2, llvm_level=0))
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.steps', '--config=configs/mnist.py:tiny',
        '--batch=8', '--repeats=2', '--warmup=0', '--config.dtype=bfloat16',
