@@ -7,6 +7,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 
 # The tests' programs run for milliseconds and compile for seconds. XLA:CPU's fast-compile
 # preset skips the optimisation passes that make a deep network's training step take
@@ -41,6 +42,35 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 import pytest  # noqa: E402
+
+# The two workers take whole files (--dist loadfile, --no-loadscope-reorder) in this order,
+# the longest first, so that they finish together; the files not named follow in name
+# order. The second reads no MNIST: one worker runs it while the other builds the
+# session's MNIST. tests/README.md has each file's seconds.
+LONGEST_FILES_FIRST = (
+    'test_synthesis_methods.py', 'test_models.py', 'test_parallel.py', 'test_fused_steps.py',
+    'test_mskd.py', 'test_datasets.py', 'test_pipeline.py', 'test_damage.py', 'test_bank.py',
+    'test_dfad.py', 'test_benchmarks.py', 'test_sweep.py', 'test_reliability.py',
+    'test_teacher_import.py', 'test_sweep_resume.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: files stay whole.
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With RDSKD_TEST_TIMELINE=FILE, a line per test: worker, start, end (seconds since
+  the epoch) and test id, to see where the workers wait (tests/README.md)."""
+  start = time.time()
+  try:
+    return (yield)
+  finally:
+    if os.environ.get('RDSKD_TEST_TIMELINE'):
+      with open(os.environ['RDSKD_TEST_TIMELINE'], 'a') as f:
+        f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {start:.2f} "
+                f'{time.time():.2f} {item.nodeid}\n')
 
 
 def _once_per_run(tmp_path_factory, name, make):

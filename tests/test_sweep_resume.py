@@ -17,7 +17,7 @@ from rdskd_jax import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {'generator.steps': 30, 'student.steps': 10, 'checkpoint_every': 8,
-             'log_every': 1, 'student.eval_every': 0}
+             'log_every': 1, 'student.eval_every': 0, 'image_every': 8}
 
 
 def _command(data_dir, workdir, vmap):
