@@ -4,8 +4,10 @@
 # (config.test_split). One teacher for every run; each VARIANT is a name and its flags:
 #   bash benchmarks/validation_study.sh W 'base:' \
 #       'gen60:--config.generator.steps=60 --config.generator.epoch_length=20'
+# In FLAGS, {seed} stands for the run's seed: 'lr2:--config.student.learning_rate=2e-3
+# --config.generator.checkpoint=W/base_s{seed}/generator_variables' trains only students.
 # SEEDS (default "0 1 2") per variant, JOBS runs at a time (default 2), STEPS student steps
-# (default: the preset's). A run whose report.json has a student result is skipped, so a
+# (default: the preset's), TEACHER_FLAGS flags of the teacher's run (another W per teacher). A run whose report.json has a student result is skipped, so a
 # stopped study resumes. Prints, and writes to W/summary.md, a row per run and per variant.
 set -u
 work=${1:?usage: bash benchmarks/validation_study.sh W NAME:FLAGS...}
@@ -23,12 +25,14 @@ sys.exit(0 if "test_accuracy" in json.load(open(sys.argv[1]))["student"] else 1)
 # The teacher alone (one generator and one student step), then every run from it.
 if ! finished "$work/teacher"; then
   "$python" -m rdskd_jax.main "${validation[@]}" --workdir="$work/teacher" \
-      --config.generator.steps=1 --config.student.steps=1 > "$work/teacher.log" 2>&1 ||
+      --config.generator.steps=1 --config.student.steps=1 ${TEACHER_FLAGS:-} \
+      > "$work/teacher.log" 2>&1 ||
       { echo "teacher run failed: $work/teacher.log" >&2; exit 1; }
 fi
 for variant in "$@"; do
   for seed in ${SEEDS:-0 1 2}; do
-    echo "${variant%%:*}_s$seed ${variant#*:} --config.seed=$seed"
+    flags=${variant#*:}
+    echo "${variant%%:*}_s$seed ${flags//\{seed\}/$seed} --config.seed=$seed"
   done
 done | while read -r name flags; do
   finished "$work/$name" && continue
