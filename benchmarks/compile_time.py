@@ -11,7 +11,7 @@ longer than the one-device step, with many more lines, is the symptom tests/READ
 describes (a scalar chain copied into every fused update).
 
 Without XLA_FLAGS in the environment it uses the test suite's flags
-(`tests/conftest.QUICK_COMPILE`) and as many fake CPU devices as the largest count asked.
+(`tests/conftest.xla_flags`) and as many fake CPU devices as the largest count asked.
 """
 
 import functools

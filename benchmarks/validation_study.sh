@@ -7,8 +7,9 @@
 # In FLAGS, {seed} stands for the run's seed: 'lr2:--config.student.learning_rate=2e-3
 # --config.generator.checkpoint=W/base_s{seed}/generator_variables' trains only students.
 # SEEDS (default "0 1 2") per variant, JOBS runs at a time (default 2), STEPS student steps
-# (default: the preset's), TEACHER_FLAGS flags of the teacher's run (another W per teacher). A run whose report.json has a student result is skipped, so a
-# stopped study resumes. Prints, and writes to W/summary.md, a row per run and per variant.
+# (default: the preset's), TEACHER_FLAGS flags of the teacher's run (another W per
+# teacher). A run whose report.json has a student result is skipped, so a stopped study
+# resumes. Prints, and writes to W/summary.md, a row per run and per variant.
 set -u
 work=${1:?usage: bash benchmarks/validation_study.sh W NAME:FLAGS...}
 shift

@@ -18,15 +18,14 @@ import time
 # float64 convolutions ten times slower). The same functions, compiled with fewer passes;
 # every program a test compares with another is compiled so.
 QUICK_COMPILE = ('--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE '
-                 '--xla_cpu_use_fusion_emitters=false '
-                 '--xla_backend_optimization_level=1')
+                 '--xla_cpu_use_fusion_emitters=false')
 
 
 def xla_flags(devices: int, llvm_level: int = 1) -> str:
   """XLA_FLAGS for a Python the tests start: `devices` fake CPU devices, quick compilation;
   `llvm_level` 0 for a Python whose programs' speed does not matter."""
-  flags = QUICK_COMPILE.replace('optimization_level=1', f'optimization_level={llvm_level}')
-  return f'--xla_force_host_platform_device_count={devices} {flags}'
+  return (f'--xla_force_host_platform_device_count={devices} {QUICK_COMPILE} '
+          f'--xla_backend_optimization_level={llvm_level}')
 
 
 os.environ.setdefault('XLA_FLAGS', xla_flags(8))
