@@ -52,7 +52,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     # by agreement on fresh generated samples after 3,500 steps (0.86 at reuse 4 and 16,
     # 0.84 at 64) and by speed, not by test accuracy (docs/2026-12-04-sample-bank.md).
     # 20,000 steps by the time budget: a step takes about 23 ms here (benchmarks/README.md),
-    # so the stage takes about the time 3,500 fresh-batch steps took before.
+    # so the stage takes about the time 3,500 fresh-batch steps took before. 40,000 steps
+    # teach no more on the validation slice (docs/2026-12-05-validation-study.md).
     c.student.reuse = 16
     c.student.steps = 20000
     c.student.learning_rate = 4e-3
