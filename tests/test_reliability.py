@@ -22,8 +22,8 @@ from rdskd_jax.methods import rdskd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough stages to interrupt in the middle; still seconds each.
-# A generator watch (512 samples through both networks) every 8 steps instead of every 3:
-# the watches cost more than these runs' steps, and their rows resume as any row does.
+# A generator watch (512 samples through both networks) every 8 steps: the watches cost
+# more than these runs' steps, and their rows resume as any row does.
 OVERRIDES = {'generator.steps': 40, 'student.steps': 40, 'checkpoint_every': 8,
              'log_every': 1, 'student.eval_every': 20, 'image_every': 8, 'parallel': 'none'}
 
